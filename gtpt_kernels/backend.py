@@ -1,0 +1,90 @@
+"""Backend selection shared by every op in :mod:`gtpt_kernels`.
+
+Three backends:
+
+* ``"reference"`` - the pure-PyTorch ops in :mod:`gtpt_kernels.reference`; the truth the kernels are tested
+  against, and what runs on CPU tensors.
+* ``"triton"`` - the fused Triton kernels. On CPU tensors they only run under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before triton is imported).
+* ``"auto"`` (default) - Triton for CUDA tensors, and for CPU tensors when the interpreter is on; the
+  reference otherwise.
+
+The choice is made per call (``backend=`` argument), globally (:func:`set_backend` or the
+:func:`use_backend` context manager) or by the ``GTPT_KERNELS_BACKEND`` environment variable, in that order of
+precedence.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "GTPT_KERNELS_BACKEND"
+
+_global_backend: Optional[str] = None
+
+
+def _check(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    return name.lower()
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (``None`` goes back to the environment variable / ``"auto"``)."""
+    global _global_backend
+    _global_backend = None if name is None else _check(name)
+
+
+def get_backend() -> str:
+    """The backend a call without ``backend=`` uses: the global setting, else the env var, else ``"auto"``."""
+    if _global_backend is not None:
+        return _global_backend
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check(env)
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager that sets the global backend and restores the previous one on exit."""
+    global _global_backend
+    previous = _global_backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _global_backend = previous
+
+
+def interpreter_enabled() -> bool:
+    """True when the Triton interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton missing (e.g. macOS)
+        return False
+    return True
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Turn a requested backend (``None`` = the default) into ``"reference"`` or ``"triton"`` for tensors on
+    ``device``. An explicit ``"triton"`` on a device it cannot run on is an error, not a silent fallback."""
+    name = get_backend() if backend is None else _check(backend)
+    can_triton = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
+    if name == "auto":
+        return "triton" if can_triton else "reference"
+    if name == "triton" and not can_triton:
+        if not triton_available():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        raise RuntimeError(
+            f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+            f"imported; got tensors on {device}")
+    return name
