@@ -1,0 +1,36 @@
+"""Test configuration.
+
+Kernel tests run the Triton kernels in the Triton interpreter on machines without a GPU. The interpreter is
+chosen by ``TRITON_INTERPRET=1``, which must be in the environment before triton is first imported, so it is
+set here (conftest is imported before any test module). Set ``GTPT_NO_INTERPRET=1`` to opt out.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("GTPT_NO_INTERPRET", "0") in ("", "0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
