@@ -1,6 +1,17 @@
-"""Softmax-pooled token scoring, top-k selection and gather (GTPT's pruning): public ops and module.
+"""Softmax-pooled token scoring, top-k selection and gather (GTPT's pruning): kernels, public ops and module.
 
 Semantics: :func:`gtpt_kernels.reference.token_prune_reference`.
+
+Triton path (one launch per pruning site): :func:`_prune_kernel` runs one program per (batch, group). It
+computes the ``(H*R, N)`` logit slab row by row in registers (never in memory), folds it into the
+softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep`` tokens with an
+in-register bitonic sort of packed ``(score, index)`` keys, writes the int64 index and gathers the kept
+token and position-embedding rows (times the channel gate, fused) into the compact ``(B, G, keep, C)``
+layout. The same kernel with selection compiled out is the scores-only op.
+
+The ops are registered with ``torch.library`` (``triton_op`` where available) so ``torch.compile`` can trace
+them without graph breaks; the backward is plain PyTorch scatter (indices are unique per (b, g), so it is
+deterministic).
 """
 from __future__ import annotations
 
@@ -12,6 +23,316 @@ from torch import Tensor, nn
 from ..backend import resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton missing: only the reference backend is usable
+    triton = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _prune_kernel(
+        q_ptr, k_ptr, mask_ptr, tok_ptr, pos_ptr, gate_ptr,
+        scores_ptr, out_ptr, out_pos_ptr, idx_ptr,
+        G, H, R, N, D, C, K, scale,
+        sq_b, sq_g, sq_h, sq_r, sq_d,
+        sk_b, sk_g, sk_h, sk_n, sk_d,
+        sm_g, sm_r,
+        st_b, st_g, st_n, st_c,
+        sp_b, sp_g, sp_n, sp_c,
+        sgt_b, sgt_g, sgt_n, sgt_c,
+        HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr, SELECT: tl.constexpr,
+        HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = (pid // G).to(tl.int64)  # 64-bit base offsets: strided views of a big packed qkv can pass 2**31
+        g = pid % G
+        pid64 = pid.to(tl.int64)
+
+        offs_n = tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q_base = q_ptr + b * sq_b + g * sq_g
+        k_base = k_ptr + b * sk_b + g * sk_g  # sk_g == 0 when k broadcasts over groups
+
+        # Online softmax over the j = (head, row) axis, per token column n: m = running max of the logits,
+        # z = sum exp(a - m), w = sum exp(a - m) * a. score = w / z. Nothing of size (H*R, N) is stored.
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        z = tl.zeros([BLOCK_N], tl.float32)
+        w = tl.zeros([BLOCK_N], tl.float32)
+        for h in range(H):
+            # K tile of this head, reused by all R query rows; upcast so half inputs accumulate in fp32
+            # (elementwise + reduction rather than tl.dot: D is 16/24, rows are few, and it keeps fp32 IEEE
+            # numerics and the interpreter's broken bf16 tl.dot out of the picture).
+            kt = tl.load(k_base + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            for r in range(R):
+                qr = tl.load(q_base + h * sq_h + r * sq_r + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
+                # Same operation order as the reference: (q . k) then * scale.
+                a = tl.sum(kt * qr[None, :], axis=1) * scale
+                if HAS_MASK:
+                    valid = tl.load(mask_ptr + g * sm_g + r * sm_r) != 0
+                    a_in = tl.where(valid, a, float("-inf"))
+                else:
+                    a_in = a
+                m_new = tl.maximum(m, a_in)
+                # Until the first valid row m_new is -inf; exp(-inf - -inf) would be NaN, so shift by 0.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_safe)
+                p = tl.exp(a_in - m_safe)  # 0 for excluded rows
+                z = z * alpha + p
+                w = w * alpha + p * a
+                m = m_new
+        s = w / z  # z >= 1 for real columns: every group has a valid row (checked on the host)
+        # -0.0 and +0.0 compare equal (the reference's stable sort keeps index order between them) but their
+        # bit keys below differ, so canonicalise.
+        s = tl.where(s == 0.0, 0.0, s)
+
+        if WRITE_SCORES:
+            tl.store(scores_ptr + pid64 * N + offs_n, s, mask=n_ok)
+
+        if SELECT:
+            # Top-K by one descending bitonic sort of packed int64 keys: high 32 bits = the score's bits mapped
+            # to an order-preserving signed int (flip the magnitude bits of negatives), low 32 bits =
+            # BLOCK_N - n, so equal scores order by ascending index (the reference's stable-sort tie rule) and
+            # the result is deterministic. Padding lanes get the smallest key and low bits 0: they sort after
+            # every real token, even one whose score bits give the minimum high word.
+            bits = s.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            key = tl.where(n_ok, key, -2147483647 - 1).to(tl.int64)
+            low = tl.where(n_ok, BLOCK_N - offs_n, 0).to(tl.int64)
+            packed = tl.sort((key << 32) | low, descending=True)
+            # Low word without 32-bit literals (their signedness differs between Triton versions).
+            order = BLOCK_N - (packed - ((packed >> 32) << 32))
+            tl.store(idx_ptr + pid64 * K + offs_n, order, mask=offs_n < K)
+            # The gather below reads the index back in row chunks (register tensors cannot be sliced); the
+            # barrier makes this CTA's global stores visible to all of its threads.
+            tl.debug_barrier()
+
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_c = tl.arange(0, BLOCK_C)
+            tok_base = tok_ptr + b * st_b + g * st_g  # st_g == 0 when tokens broadcast over groups
+            pos_base = pos_ptr + b * sp_b + g * sp_g
+            gate_base = gate_ptr + b * sgt_b + g * sgt_g
+            out_base = out_ptr + pid64 * K * C  # outputs are contiguous (B, G, K, C)
+            out_pos_base = out_pos_ptr + pid64 * K * C
+            for k0 in range(0, K, BLOCK_K):
+                rows = k0 + offs_k
+                r_ok = rows < K
+                src = tl.load(idx_ptr + pid64 * K + rows, mask=r_ok, other=0)
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + offs_c
+                    mk = r_ok[:, None] & (cols < C)[None, :]
+                    dst = rows[:, None] * C + cols[None, :]
+                    x = tl.load(tok_base + src[:, None] * st_n + cols[None, :] * st_c, mask=mk, other=0.0)
+                    if HAS_GATE:
+                        gv = tl.load(gate_base + src[:, None] * sgt_n + cols[None, :] * sgt_c, mask=mk, other=0.0)
+                        # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
+                        # product is exact, so the result is bit-identical to PyTorch's correctly rounded
+                        # half-precision multiply (and avoids the interpreter's bf16 arithmetic).
+                        if TOK_F64:
+                            x = x.to(tl.float64) * gv.to(tl.float64)
+                        else:
+                            x = x.to(tl.float32) * gv.to(tl.float32)
+                    tl.store(out_base + dst, x.to(out_ptr.dtype.element_ty), mask=mk)
+                    if HAS_POS:
+                        pv = tl.load(pos_base + src[:, None] * sp_n + cols[None, :] * sp_c, mask=mk, other=0.0)
+                        if HAS_GATE:
+                            if POS_F64:
+                                pv = pv.to(tl.float64) * gv.to(tl.float64)
+                            else:
+                                pv = pv.to(tl.float32) * gv.to(tl.float32)
+                        tl.store(out_pos_base + dst, pv.to(out_pos_ptr.dtype.element_ty), mask=mk)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _group_stride(t: Tensor) -> int:
+    # A size-1 group dim broadcasts: stride 0 makes every group program read the same rows.
+    return 0 if t.shape[1] == 1 else t.stride(1)
+
+
+def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, *, scores: Optional[Tensor] = None,
+            tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+            out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
+    """Launch :func:`_prune_kernel` (one program per (b, g)). ``scores`` given: write the fp32 scores;
+    ``index`` given: select and gather into ``out`` / ``out_pos``."""
+    B, G, H, R, D = q.shape
+    N = k.shape[3]
+    select = index is not None
+    K = index.shape[2] if select else 1
+    C = tokens.shape[3] if select else 1
+    dummy = q  # never dereferenced: the matching constexpr flag compiles the access out
+    mask_t = row_mask.view(torch.uint8) if row_mask is not None else dummy
+    tok = tokens if select else dummy
+    st = (tokens.stride(0), _group_stride(tokens), tokens.stride(2), tokens.stride(3)) if select else (0,) * 4
+    sp = (pos.stride(0), _group_stride(pos), pos.stride(2), pos.stride(3)) if pos is not None else (0,) * 4
+    sg = (gate.stride(0), gate.stride(1), gate.stride(2), gate.stride(3)) if gate is not None else (0,) * 4
+    sm = (row_mask.stride(0), row_mask.stride(1)) if row_mask is not None else (0, 0)
+    BLOCK_N = max(2, _next_pow2(N))
+    # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
+    BLOCK_K = min(32, max(2, _next_pow2(K)))
+    BLOCK_C = min(64, max(2, _next_pow2(C)))
+    wrap = getattr(torch.library, "wrap_triton", None) or (lambda f: f)
+    wrap(_prune_kernel)[(B * G,)](
+        q, k, mask_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
+        scores if scores is not None else dummy, out if select else dummy,
+        out_pos if pos is not None else dummy, index if select else dummy,
+        G, H, R, N, D, C, K, float(scale),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
+        k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
+        sm[0], sm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
+        HAS_MASK=row_mask is not None, WRITE_SCORES=scores is not None, SELECT=select,
+        HAS_POS=pos is not None, HAS_GATE=gate is not None,
+        TOK_F64=select and out.dtype == torch.float64,
+        POS_F64=pos is not None and out_pos.dtype == torch.float64,
+        BLOCK_N=BLOCK_N, BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+        num_warps=4 if BLOCK_N <= 256 else 8,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library ops (Triton backend)
+# ----------------------------------------------------------------------------------------------------------
+# ``triton_op`` (torch >= 2.6) lets torch.compile / export trace into the launches and uses the function
+# itself (run on fake tensors) as the fake impl; on older torch an opaque ``custom_op`` with an explicit fake
+# impl keeps fullgraph compilation working.
+
+_triton_op = getattr(torch.library, "triton_op", None)
+
+
+def _register(name: str, fake):
+    def deco(fn):
+        if _triton_op is not None:
+            return _triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return deco
+
+
+def _prune_out_dtypes(tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor]):
+    # Same promotion as the reference's ``gathered * gathered_gate``.
+    tok_dt = tokens.dtype if gate is None else torch.promote_types(tokens.dtype, gate.dtype)
+    pos_dt = None if pos is None else (pos.dtype if gate is None else torch.promote_types(pos.dtype, gate.dtype))
+    return tok_dt, pos_dt
+
+
+def _prune_alloc(q: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor], keep: int):
+    B, G = q.shape[:2]
+    C = tokens.shape[3]
+    tok_dt, pos_dt = _prune_out_dtypes(tokens, pos, gate)
+    out = torch.empty((B, G, keep, C), dtype=tok_dt, device=q.device)
+    # The op schema has no optional outputs: without pos an empty placeholder is returned (the public
+    # function turns it into None).
+    out_pos = torch.empty((B, G, keep, C) if pos is not None else (0,), dtype=pos_dt or tokens.dtype,
+                          device=q.device)
+    index = torch.empty((B, G, keep), dtype=torch.int64, device=q.device)
+    return out, out_pos, index
+
+
+def _scores_fake(q, k, row_mask, scale):
+    return q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
+
+
+def _prune_fake(q, k, tokens, pos, gate, row_mask, keep, scale):
+    return _prune_alloc(q, tokens, pos, gate, keep)
+
+
+@_register("gtpt_kernels::softmax_pool_scores", _scores_fake)
+def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float) -> Tensor:
+    scores = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
+    _launch(q, k, row_mask, scale, scores=scores)
+    return scores
+
+
+@_register("gtpt_kernels::token_prune", _prune_fake)
+def _token_prune_op(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
+                    row_mask: Optional[Tensor], keep: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    out, out_pos, index = _prune_alloc(q, tokens, pos, gate, keep)
+    _launch(q, k, row_mask, scale, tokens=tokens, pos=pos, gate=gate, out=out,
+            out_pos=out_pos if pos is not None else None, index=index)
+    return out, out_pos, index
+
+
+def _prune_setup_context(ctx, inputs, output):
+    q, k, tokens, pos, gate, row_mask, keep, scale = inputs
+    index = output[2]
+    ctx.N = tokens.shape[2]
+    ctx.tok_meta = (tokens.shape[1], tokens.dtype)
+    ctx.pos_meta = (pos.shape[1], pos.dtype) if pos is not None else None
+    ctx.has_gate = gate is not None
+    # tokens / pos are only needed for the gate's gradient; they are inputs, so saving them costs no memory.
+    if gate is not None:
+        ctx.save_for_backward(index, tokens, pos, gate)
+    else:
+        ctx.save_for_backward(index)
+
+
+def _scatter_rows(v: Tensor, index: Tensor, N: int, src_groups: int, dtype: torch.dtype) -> Tensor:
+    """Backward of the gather: rows ``v (B, G, K, C)`` scattered to ``(B, src_groups, N, C)``. Indices are
+    unique per (b, g), so a plain scatter into zeros is exact and deterministic; broadcast sources sum their
+    groups in fixed order (``sum`` over dim 1)."""
+    B, G, K = index.shape
+    C = v.shape[-1]
+    full = torch.zeros((B, G, N, C), dtype=dtype, device=v.device)
+    full.scatter_(2, index.unsqueeze(-1).expand(B, G, K, C), v.to(dtype))
+    if src_groups == 1 and G > 1:
+        full = full.sum(dim=1, keepdim=True)
+    return full
+
+
+def _prune_backward(ctx, d_out, d_out_pos, d_index):
+    index = ctx.saved_tensors[0]
+    B, G, K = index.shape
+    d_tokens = d_pos = d_gate = None
+    g_rows = None
+    if ctx.has_gate:
+        _, tokens, pos, gate = ctx.saved_tensors
+        g_rows = _gather_rows(gate, index)
+    need = ctx.needs_input_grad
+    if need[2] and d_out is not None:
+        v = d_out * g_rows if g_rows is not None else d_out
+        d_tokens = _scatter_rows(v, index, ctx.N, ctx.tok_meta[0], ctx.tok_meta[1])
+    if ctx.pos_meta is not None and need[3] and d_out_pos is not None:
+        v = d_out_pos * g_rows if g_rows is not None else d_out_pos
+        d_pos = _scatter_rows(v, index, ctx.N, ctx.pos_meta[0], ctx.pos_meta[1])
+    if ctx.has_gate and need[4]:
+        # d gate_rows = d_out * tokens_rows + d_out_pos * pos_rows, each cast to the gate dtype before the
+        # sum, as autograd accumulates the two uses of the gathered gate in the reference.
+        parts = []
+        if d_out is not None:
+            parts.append((d_out * _gather_rows(tokens, index)).to(gate.dtype))
+        if pos is not None and d_out_pos is not None:
+            parts.append((d_out_pos * _gather_rows(pos, index)).to(gate.dtype))
+        if parts:
+            v = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            d_gate = _scatter_rows(v, index, ctx.N, G, gate.dtype)
+    return None, None, d_tokens, d_pos, d_gate, None, None, None
+
+
+def _gather_rows(t: Tensor, index: Tensor) -> Tensor:
+    B, G, K = index.shape
+    C = t.shape[-1]
+    return torch.gather(t.expand(B, G, t.shape[2], C), 2, index.unsqueeze(-1).expand(B, G, K, C))
+
+
+torch.library.register_autograd("gtpt_kernels::token_prune", _prune_backward, setup_context=_prune_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------
 
 def keep_count(keep_rate: float, num_tokens: int = 256, num_dense: int = 0) -> int:
     """Number of visual tokens a GTPT site keeps: ``int(num_tokens * keep_rate) - num_dense`` (``int()``
@@ -51,13 +372,19 @@ def _check_tokens(name: str, t: Tensor, B: int, G: int, N: int, device: torch.de
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def _mask_on(row_mask: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    # A CPU mask with CUDA inputs is copied each call; pass it on the device to avoid the copy.
+    return None if row_mask is None else row_mask.to(device)
+
+
 def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[Tensor] = None,
                         backend: Optional[str] = None) -> Tensor:
     """fp32 softmax-pooled scores ``(B, G, N)``; see :func:`gtpt_kernels.reference.softmax_pool_scores_reference`."""
     _check_scores_inputs(q, k, row_mask)
     name = resolve_backend(backend, q.device)
     if name == "triton":
-        raise NotImplementedError("the Triton scoring kernel is not available yet; use backend='reference'")
+        # The Triton scores are not differentiable (GTPT never backpropagates through them).
+        return _softmax_pool_scores_op(q.detach(), k.detach(), _mask_on(row_mask, q.device), float(scale))
     return softmax_pool_scores_reference(q, k, scale, row_mask)
 
 
@@ -76,13 +403,23 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     if gate is not None:
         if gate.shape[:3] != (B, G, N) or gate.shape[-1] != tokens.shape[-1]:
             raise ValueError(f"gate must have shape ({B}, {G}, {N}, {tokens.shape[-1]}), got {tuple(gate.shape)}")
+        if gate.device != q.device:
+            raise ValueError(f"gate is on {gate.device}, expected {q.device}")
+    if pos is not None and pos.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"pos must have {tokens.shape[-1]} channels like tokens, got {tuple(pos.shape)}")
+    for name_, t in (("tokens", tokens), ("pos", pos), ("gate", gate)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name_} must be a floating-point tensor, got {t.dtype}")
     if not isinstance(keep, int) or isinstance(keep, bool):
         raise TypeError(f"keep must be an int, got {type(keep).__name__}")
     if keep <= 0 or keep > N:
         raise ValueError(f"keep must be in [1, {N}] (the number of candidate tokens), got {keep}")
     name = resolve_backend(backend, q.device)
     if name == "triton":
-        raise NotImplementedError("the Triton pruning kernel is not available yet; use backend='reference'")
+        # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
+        out, out_pos, index = _token_prune_op(q.detach(), k.detach(), tokens, pos, gate,
+                                              _mask_on(row_mask, q.device), keep, float(scale))
+        return out, (out_pos if pos is not None else None), index
     return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate)
 
 
