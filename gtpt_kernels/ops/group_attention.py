@@ -1,17 +1,502 @@
-"""Multi-Head Group Attention (MHGA): public op and ``nn.Module``.
+"""Multi-Head Group Attention (MHGA): fused Triton kernels, ``torch.library`` op, public function, ``nn.Module``.
 
-Semantics: :func:`gtpt_kernels.reference.group_attention_reference`.
+Semantics: :func:`gtpt_kernels.reference.group_attention_reference` (the contract; tests compare against it in
+fp64). In short, ``qkv`` is the packed ``to_qkv`` output ``(B, G, N, 3C)``; group ``g``'s queries are its ``N``
+tokens, its keys/values are the ``G*S`` shared tokens (the first ``S`` tokens of every group, group-major) followed
+by its own ``N - S`` tokens. ``G=1, S=0`` is plain multi-head self-attention.
+
+Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
+
+* **Forward** - FlashAttention-2 online softmax in base 2, one program per (batch*group, head, query tile).
+  The key loop runs over the *virtual* key sequence of the group, ``j in [0, G*S + N - S)``: index arithmetic
+  maps ``j < G*S`` to shared token ``(j // S, j % S)`` and the rest to the group's own token ``j - G*S + S``, and
+  rows are loaded straight from ``qkv`` through its strides. The shared keys are therefore visited first, then
+  the own keys, without ever materialising the repeated keys, the logits or the probabilities. Both segments run
+  through one loop so a partial shared tile and the first own tile share a block (GTPT's 18 shared + 76 own keys
+  are 2 tiles of 64, not 3). The kernel writes ``o`` in ``(B, G, N, C)`` (heads merged, ready for ``to_out``) and
+  the row log-sum-exp in base 2, fp32 ``(B, G, H, N)``, for the backward.
+* **Backward** - two launches, no atomics, hence bitwise deterministic:
+  1. ``dq`` kernel (query-parallel, same grid as the forward): computes ``delta = rowsum(o * do)`` for its rows
+     (stored for launch 2), recomputes ``P`` from the LSE and accumulates ``dq``.
+  2. ``dk/dv`` kernel (key-parallel): one program per (batch*group, head, tile of that group's tokens). A token
+     ``n >= S`` is a key of its own group only; a token ``n < S`` is a shared key of *every* group, so the
+     program loops over the query groups in a fixed order and sums their contributions in registers. Each
+     element of ``dk``/``dv`` is thus produced by exactly one program in a fixed order.
+  ``dqkv`` is written in ``qkv``'s packed ``(B, G, N, 3C)`` layout.
+* **pad_token** - key 0 (shared token 0 of group 0) is masked for every query, and query row (g=0, n=0) outputs
+  zeros. That row is computed like any other (its softmax is over the remaining keys, so nothing is ever
+  ``-inf - -inf``) and zeroed on store; in the backward its ``do`` is read as zero, so it contributes nothing.
+  The running max is still guarded so that a key tile that is entirely masked for a row (e.g. the pad key alone)
+  cannot produce NaN.
+* **Precision** - fp32 inputs use exact IEEE fp32 dots by default so fp32 training matches eager PyTorch; TF32 can
+  be requested with ``fp32_precision="tf32"`` or ``GTPT_KERNELS_FP32_PRECISION=tf32``. fp16/bf16 follow
+  FlashAttention: fp32 accumulation and softmax, ``P``/``dS`` rounded to the input dtype for the second matmul.
+  Under the Triton interpreter bf16 ``tl.dot`` is broken (triton-lang/triton#11584), so there the dot operands
+  are upcast to fp32.
+* **Launch configs** - a fixed heuristic keyed on (N, D, dtype), no autotuning: the autotuner crashes without a
+  GPU, and a benchmark-driven choice of ``BLOCK_N`` would change the summation order from process to process,
+  breaking run-to-run bitwise reproducibility.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..backend import resolve_backend
+from ..backend import get_backend, resolve_backend
 from ..reference import group_attention_reference
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no triton: only the reference backend exists
+    triton = None
+    tl = None
+
+__all__ = ["group_attention", "GroupAttention", "group_attention_macs", "group_attention_flops",
+           "group_attention_backward_flops", "FP32_PRECISION_ENV"]
+
+FP32_PRECISION_ENV = "GTPT_KERNELS_FP32_PRECISION"
+_FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 128  # register budget of one (BLOCK_M, BLOCK_D) fp32 accumulator per program
+
+_LOG2E = 1.4426950408889634
+
+# Test hook: when True, every buffer the kernels must fully write is pre-filled with NaN, so an element a
+# kernel forgets to write fails the closeness checks instead of silently holding stale memory.
+_POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOP accounting
+# ----------------------------------------------------------------------------------------------------------------
+
+def group_attention_macs(B: int, G: int, N: int, C: int, heads: int, num_shared: int) -> int:
+    """Multiply-accumulates of one MHGA forward: ``QK^T`` and ``PV``, each ``B*G*H*N*L*D`` with
+    ``L = G*S + N - S`` keys per group, i.e. ``2*B*G*N*L*C`` (``H*D = C``). Same count as the reference's two
+    matmuls (masked pad entries included), so numbers are comparable across backends."""
+    L = G * num_shared + N - num_shared
+    D = C // heads
+    return 2 * B * G * heads * N * L * D
+
+
+def group_attention_flops(qkv_shape, heads: int, num_shared: int, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the forward op (2 per MAC), the convention of :class:`torch.utils.flop_counter.FlopCounterMode`."""
+    B, G, N, C3 = qkv_shape
+    return 2 * group_attention_macs(B, G, N, C3 // 3, heads, num_shared)
+
+
+def group_attention_backward_flops(grad_out_shape, qkv_shape, out_shape_, lse_shape, heads: int, num_shared: int,
+                                   *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the backward op counted as FlopCounterMode counts the reference's backward: each of the two
+    forward matmuls has two gradient matmuls, so twice the forward. (The kernel also recomputes ``QK^T``, as every
+    flash-style backward does; that recompute is not counted, matching PyTorch's SDPA formulas.)"""
+    B, G, N, C3 = qkv_shape
+    return 4 * group_attention_macs(B, G, N, C3 // 3, heads, num_shared)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot; computing in fp32 is exact for bf16 inputs.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
+        else:
+            return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _key_rows(offs_j, g, G, N, S):
+        """Map virtual key indices of group ``g`` to (row offset helpers): returns (src_group, src_token, valid).
+
+        ``j < G*S`` is shared token ``j % S`` of group ``j // S`` (group-major, as the reference concatenates);
+        ``j >= G*S`` is the group's own token ``j - G*S + S``."""
+        GS = G * S
+        s_div = tl.maximum(S, 1)  # S == 0: no shared keys; avoid a division by zero in the dead branch
+        is_shared = offs_j < GS
+        sg = offs_j // s_div
+        src_g = tl.where(is_shared, sg, g)
+        src_n = tl.where(is_shared, offs_j - sg * s_div, offs_j - GS + S)
+        valid = offs_j < GS + N - S
+        return src_g, src_n, valid
+
+    @triton.jit
+    def _mhga_fwd_kernel(
+        QKV, O, LSE,
+        s_qb, s_qg, s_qn, s_qc,
+        s_ob, s_og, s_on,
+        G, N, S, C,
+        qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_bg = tl.program_id(0)
+        h = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        H = tl.num_programs(1)
+        b = pid_bg // G
+        g = pid_bg - b * G
+        L = G * S + N - S
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < N
+        d_valid = offs_d < HEAD_DIM
+
+        base = QKV + b.to(tl.int64) * s_qb
+        q_cols = (h * HEAD_DIM + offs_d) * s_qc
+        k_cols = (C + h * HEAD_DIM + offs_d) * s_qc
+        v_cols = (2 * C + h * HEAD_DIM + offs_d) * s_qc
+        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :],
+                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        for start in range(0, L, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S)
+            if PAD_TOKEN:
+                k_valid = k_valid & (offs_j != 0)
+            rows = src_g * s_qg + src_n * s_qn
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+            qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+            qk = tl.where(k_valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+            m_i = m_new
+
+        has_keys = l_i > 0.0
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        # +inf LSE for a row without keys makes the backward's recomputed P exactly 0.
+        lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+        if PAD_TOKEN:
+            out = tl.where((offs_m + g == 0)[:, None], 0.0, out)  # row (g=0, n=0); g, n >= 0
+
+        o_ptrs = O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + (h * HEAD_DIM + offs_d)[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        lse_row = (pid_bg.to(tl.int64) * H + h) * N
+        tl.store(LSE + lse_row + offs_m, lse, mask=m_valid)
+
+    @triton.jit
+    def _mhga_bwd_dq_kernel(
+        QKV, O, DO, LSE, DELTA, DQKV,
+        s_qb, s_qg, s_qn, s_qc,
+        s_ob, s_og, s_on,
+        s_db, s_dg, s_dn, s_dc,
+        s_gb, s_gg, s_gn,
+        G, N, S, C,
+        qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_bg = tl.program_id(0)
+        h = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        H = tl.num_programs(1)
+        b = pid_bg // G
+        g = pid_bg - b * G
+        L = G * S + N - S
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < N
+        d_valid = offs_d < HEAD_DIM
+        md_mask = m_valid[:, None] & d_valid[None, :]
+        # The pad row's output is a constant zero: it sends no gradient anywhere, so read its dO as zero.
+        do_mask = md_mask
+        if PAD_TOKEN:
+            do_mask = do_mask & (offs_m + g != 0)[:, None]  # not row (g=0, n=0); g, n >= 0
+
+        base = QKV + b.to(tl.int64) * s_qb
+        hd = h * HEAD_DIM + offs_d
+        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * s_db + g * s_dg + offs_m[:, None] * s_dn + (hd * s_dc)[None, :],
+                     mask=do_mask, other=0.0)
+        o = tl.load(O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + hd[None, :],
+                    mask=md_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row = (pid_bg.to(tl.int64) * H + h) * N
+        tl.store(DELTA + row + offs_m, delta, mask=m_valid)
+        lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+
+        k_cols = (C + hd) * s_qc
+        v_cols = (2 * C + hd) * s_qc
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(0, L, BLOCK_N):
+            offs_j = start + tl.arange(0, BLOCK_N)
+            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S)
+            if PAD_TOKEN:
+                k_valid = k_valid & (offs_j != 0)
+            rows = src_g * s_qg + src_n * s_qn
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+            # Same expression as the forward, so P is recomputed consistently with the stored LSE.
+            qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            p = tl.where(k_valid[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+
+        dq = dq * scale
+        dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
+        tl.store(dq_ptrs, dq.to(DQKV.dtype.element_ty), mask=md_mask)
+
+    @triton.jit
+    def _mhga_bwd_dkdv_kernel(
+        QKV, DO, LSE, DELTA, DQKV,
+        s_qb, s_qg, s_qn, s_qc,
+        s_db, s_dg, s_dn, s_dc,
+        s_gb, s_gg, s_gn,
+        G, N, S, C,
+        qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # Program = (batch*group, head, tile of BLOCK_N tokens of that group), computing dk/dv of those tokens
+        # as keys. Tokens n < S are shared keys of every group; tokens n >= S belong to their own group only.
+        pid_bg = tl.program_id(0)
+        h = tl.program_id(1)
+        pid_n = tl.program_id(2)
+        H = tl.num_programs(1)
+        b = pid_bg // G
+        g = pid_bg - b * G
+        start_n = pid_n * BLOCK_N
+
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_valid = offs_n < N
+        d_valid = offs_d < HEAD_DIM
+        nd_mask = n_valid[:, None] & d_valid[None, :]
+        key_ok = n_valid
+        if PAD_TOKEN:
+            key_ok = key_ok & (offs_n + g != 0)  # the pad key (g=0, n=0) has zero weight: zero gradient
+
+        base = QKV + b.to(tl.int64) * s_qb
+        hd = h * HEAD_DIM + offs_d
+        k = tl.load(base + g * s_qg + offs_n[:, None] * s_qn + ((C + hd) * s_qc)[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(base + g * s_qg + offs_n[:, None] * s_qn + ((2 * C + hd) * s_qc)[None, :], mask=nd_mask,
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        for gq in range(0, G):
+            # Fixed group order: the shared keys' gradient is a deterministic sum over the query groups.
+            if (gq == g) | (start_n < S):
+                # Own group: all its tokens are keys; another group: only the shared ones (n < S).
+                k_valid = key_ok & (offs_n < S + (gq == g).to(tl.int32) * N)
+                q_base = base + gq * s_qg
+                do_base = DO + b.to(tl.int64) * s_db + gq * s_dg
+                row = ((b * G + gq).to(tl.int64) * H + h) * N
+                for start_m in range(0, N, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    m_valid = offs_m < N
+                    md_mask = m_valid[:, None] & d_valid[None, :]
+                    do_mask = md_mask
+                    if PAD_TOKEN:
+                        do_mask = do_mask & (offs_m + gq != 0)[:, None]
+                    q = tl.load(q_base + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
+                    do = tl.load(do_base + offs_m[:, None] * s_dn + (hd * s_dc)[None, :], mask=do_mask, other=0.0)
+                    lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+                    delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+                    # Transposed tile (keys x queries): the reductions below are over queries, along axis 1.
+                    qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+                    p_t = tl.math.exp2(qk_t - lse[None, :])
+                    p_t = tl.where(k_valid[:, None] & m_valid[None, :], p_t, 0.0)
+                    dv += _dot(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
+                    dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk += _dot(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
+
+        dk = dk * scale
+        g_base = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_n[:, None] * s_gn
+        tl.store(g_base + (C + hd)[None, :], dk.to(DQKV.dtype.element_ty), mask=nd_mask)
+        tl.store(g_base + (2 * C + hd)[None, :], dv.to(DQKV.dtype.element_ty), mask=nd_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes and launch options, a pure function of the problem shape (no autotuning, see module doc).
+
+    ``fwd_m/fwd_n``: query/key tiles of the forward and dq kernels; ``bwd_m/bwd_n``: query/key tiles of the
+    dk/dv kernel. Under the interpreter each program costs ~50-100 ms regardless of its size, so tiles are big.
+    """
+    block_d = max(16, _next_pow2(D))
+    if interpret:
+        m = min(64, max(16, _next_pow2(N)))
+        n = min(64, max(16, _next_pow2(L)))
+        return dict(fwd_m=m, fwd_n=n, bwd_m=m, bwd_n=min(64, max(16, _next_pow2(N))), block_d=block_d,
+                    num_warps=4, num_stages=1)
+    # GPU: GTPT rows are short (31..300). 32-row query tiles keep partial-tile waste low at N=82 (3x32 vs 2x64)
+    # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
+    fwd_m = 32 if N <= 96 else 64
+    fwd_n = 32 if L <= 48 else 64
+    if block_d >= 128:
+        fwd_m = min(fwd_m, 64)
+    return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=32, bwd_n=32 if N <= 96 else 64, block_d=block_d,
+                num_warps=4, num_stages=2)
+
+
+def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    # For 16-bit operands the precision knob does not apply; pass the compiler default explicitly.
+    return fp32_precision if dtype == torch.float32 else "tf32"
+
+
+def _is_traced(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch ``kernel``: through ``wrap_triton`` when compiled (so ``torch.compile``/``make_fx`` see the kernel),
+    directly under the interpreter (whose ``InterpretedFunction`` older torch versions cannot wrap). Under fake
+    tracing an interpreted kernel has nothing to compute: the outputs' shapes are already allocated."""
+    from triton.runtime.jit import JITFunction
+    if isinstance(kernel, JITFunction):
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+        return
+    if any(isinstance(a, Tensor) and _is_traced(a) for a in args):
+        return
+    kernel[grid](*args, **meta)
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
+def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token: bool,
+              fp32_precision: str) -> Tuple[Tensor, Tensor]:
+    B, G, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // heads
+    S = num_shared
+    L = G * S + N - S
+    interpret = qkv.device.type == "cpu"
+    cfg = _launch_config(N, L, D, qkv.dtype, interpret)
+    out = _alloc((B, G, N, C), qkv.dtype, qkv.device)
+    lse = _alloc((B, G, heads, N), torch.float32, qkv.device)
+    if out.numel() == 0:
+        return out, lse
+    grid = (B * G, heads, triton.cdiv(N, cfg["fwd_m"]))
+    _launch(_mhga_fwd_kernel, grid,
+            qkv, out, lse,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            G, N, S, C,
+            scale * _LOG2E,
+            HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
+            PAD_TOKEN=pad_token, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
+            UPCAST=interpret and qkv.dtype == torch.bfloat16,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int, num_shared: int, scale: float,
+              pad_token: bool, fp32_precision: str) -> Tensor:
+    B, G, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // heads
+    S = num_shared
+    L = G * S + N - S
+    interpret = qkv.device.type == "cpu"
+    cfg = _launch_config(N, L, D, qkv.dtype, interpret)
+    dqkv = _alloc((B, G, N, C3), qkv.dtype, qkv.device)
+    delta = _alloc((B, G, heads, N), torch.float32, qkv.device)
+    if dqkv.numel() == 0:
+        return dqkv
+    prec = _dot_precision(qkv.dtype, fp32_precision)
+    upcast = interpret and qkv.dtype == torch.bfloat16
+    common = dict(HEAD_DIM=D, BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, DOT_PREC=prec, UPCAST=upcast,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    q_strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3))
+    do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
+    g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
+    # Launch 1 also writes delta, which launch 2 reads: stream order makes that safe.
+    _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg["fwd_m"])),
+            qkv, out, grad_out, lse, delta, dqkv,
+            *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
+            G, N, S, C, scale * _LOG2E, scale,
+            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], **common)
+    _launch(_mhga_bwd_dkdv_kernel, (B * G, heads, triton.cdiv(N, cfg["bwd_n"])),
+            qkv, grad_out, lse, delta, dqkv,
+            *q_strides, *do_strides, *g_strides,
+            G, N, S, C, scale * _LOG2E, scale,
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], **common)
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration: gtpt::group_attention (forward, returns out and the base-2 LSE) and
+# gtpt::group_attention_backward, with autograd and FLOP formulas.
+# ----------------------------------------------------------------------------------------------------------------
+
+_OP_AVAILABLE = triton is not None and hasattr(torch.library, "triton_op")
+
+if _OP_AVAILABLE:
+
+    @torch.library.triton_op("gtpt::group_attention", mutates_args=())
+    def _group_attention_op(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token: bool,
+                            fp32_precision: str) -> Tuple[Tensor, Tensor]:
+        return _fwd_impl(qkv, heads, num_shared, scale, pad_token, fp32_precision)
+
+    @torch.library.triton_op("gtpt::group_attention_backward", mutates_args=())
+    def _group_attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int,
+                                     num_shared: int, scale: float, pad_token: bool,
+                                     fp32_precision: str) -> Tensor:
+        return _bwd_impl(grad_out, qkv, out, lse, heads, num_shared, scale, pad_token, fp32_precision)
+
+    def _setup_context(ctx, inputs, output):
+        qkv, heads, num_shared, scale, pad_token, fp32_precision = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.args = (heads, num_shared, scale, pad_token, fp32_precision)
+
+    def _backward(ctx, grad_out, grad_lse):
+        # The LSE is an internal residual (the public op never returns it), so its gradient is ignored.
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = torch.ops.gtpt.group_attention_backward(grad_out, qkv, out, lse, *ctx.args)
+        return dqkv, None, None, None, None, None
+
+    torch.library.register_autograd("gtpt::group_attention", _backward, setup_context=_setup_context)
+
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.gtpt.group_attention)(group_attention_flops)
+    register_flop_formula(torch.ops.gtpt.group_attention_backward)(group_attention_backward_flops)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
 
 def _check_inputs(qkv: Tensor, heads: int, num_shared: int, pad_token: bool) -> None:
     if not isinstance(qkv, Tensor):
@@ -33,17 +518,51 @@ def _check_inputs(qkv: Tensor, heads: int, num_shared: int, pad_token: bool) -> 
         raise ValueError("pad_token=True needs at least one key besides the padding token")
 
 
+def _resolve_fp32_precision(fp32_precision: Optional[str]) -> str:
+    name = fp32_precision if fp32_precision is not None else os.environ.get(FP32_PRECISION_ENV, "ieee")
+    if not isinstance(name, str) or name.lower() not in _FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {_FP32_PRECISIONS}, got {name!r}")
+    return name.lower()
+
+
+def _triton_unsupported(qkv: Tensor, heads: int) -> Optional[Exception]:
+    """The error an explicit ``backend='triton'`` raises for these inputs (None if the kernels take them)."""
+    if not _OP_AVAILABLE:
+        return RuntimeError("backend 'triton' needs triton and torch.library.triton_op (torch >= 2.6)")
+    if qkv.dtype not in _TRITON_DTYPES:
+        return TypeError(f"backend 'triton' supports float32, float16 and bfloat16, got {qkv.dtype}")
+    D = qkv.shape[-1] // 3 // heads
+    if D > _MAX_HEAD_DIM:
+        return ValueError(f"backend 'triton' supports head dims up to {_MAX_HEAD_DIM}, got {D}")
+    return None
+
+
 def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[float] = None,
-                    pad_token: bool = False, backend: Optional[str] = None) -> Tensor:
+                    pad_token: bool = False, backend: Optional[str] = None,
+                    fp32_precision: Optional[str] = None) -> Tensor:
     """Multi-Head Group Attention on a packed ``to_qkv`` output ``(B, G, N, 3C)`` -> ``(B, G, N, C)``.
 
-    See :func:`gtpt_kernels.reference.group_attention_reference` for the exact semantics.
+    See :func:`gtpt_kernels.reference.group_attention_reference` for the exact semantics. ``qkv`` may be any
+    strided view. ``backend``: ``"reference" | "triton" | "auto"`` (default: the global setting, see
+    :mod:`gtpt_kernels.backend`); ``"auto"`` also falls back to the reference for inputs the kernels do not take
+    (float64, head dim > 128). ``fp32_precision`` (``"ieee"`` default, ``"tf32"``, ``"tf32x3"``; env
+    ``GTPT_KERNELS_FP32_PRECISION``) selects the tensor-core mode of the kernels' fp32 dots.
     """
     _check_inputs(qkv, heads, num_shared, pad_token)
     name = resolve_backend(backend, qkv.device)
     if name == "triton":
-        raise NotImplementedError("the Triton MHGA kernel is not available yet; use backend='reference'")
-    return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
+        error = _triton_unsupported(qkv, heads)
+        if error is not None:
+            if (backend if backend is not None else get_backend()).lower() == "triton":
+                raise error
+            name = "reference"  # "auto": the kernels do not cover these inputs
+    if name == "reference":
+        return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
+    C = qkv.shape[-1] // 3
+    scale = C ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.gtpt.group_attention(qkv, heads, num_shared, scale, bool(pad_token),
+                                            _resolve_fp32_precision(fp32_precision))
+    return out
 
 
 class GroupAttention(nn.Module):
