@@ -4,8 +4,8 @@ Semantics: :func:`gtpt_kernels.reference.token_prune_reference`.
 
 Triton path (one launch per pruning site): :func:`_prune_kernel` runs one program per (batch, group). It
 computes the ``(H*R, N)`` logit slab row by row in registers (never in memory), folds it into the
-softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep`` tokens with an
-in-register bitonic sort of packed ``(score, index)`` keys, writes the int64 index and gathers the kept
+softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep`` tokens by counting
+each token's rank (ties: lower index first), writes the int64 index and gathers the kept
 token and position-embedding rows (times the channel gate, fused) into the compact ``(B, G, keep, C)``
 layout. The same kernel with selection compiled out is the scores-only op.
 
@@ -47,9 +47,9 @@ if triton is not None:
         st_b, st_g, st_n, st_c,
         sp_b, sp_g, sp_n, sp_c,
         sgt_b, sgt_g, sgt_n, sgt_c,
-        HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr, SELECT: tl.constexpr,
+        HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = (pid // G).to(tl.int64)  # 64-bit base offsets: strided views of a big packed qkv can pass 2**31
@@ -96,25 +96,34 @@ if triton is not None:
         # bit keys below differ, so canonicalise.
         s = tl.where(s == 0.0, 0.0, s)
 
-        if WRITE_SCORES:
-            tl.store(scores_ptr + pid64 * N + offs_n, s, mask=n_ok)
+        # The scores go to memory either way: as the scores-only op's output, or as the (B, G, N) fp32 scratch
+        # the rank count below reads back in chunks (register tensors cannot be sliced or indexed).
+        tl.store(scores_ptr + pid64 * N + offs_n, s, mask=n_ok)
 
         if SELECT:
-            # Top-K by one descending bitonic sort of packed int64 keys: high 32 bits = the score's bits mapped
-            # to an order-preserving signed int (flip the magnitude bits of negatives), low 32 bits =
-            # BLOCK_N - n, so equal scores order by ascending index (the reference's stable-sort tie rule) and
-            # the result is deterministic. Padding lanes get the smallest key and low bits 0: they sort after
-            # every real token, even one whose score bits give the minimum high word.
-            bits = s.to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            key = tl.where(n_ok, key, -2147483647 - 1).to(tl.int64)
-            low = tl.where(n_ok, BLOCK_N - offs_n, 0).to(tl.int64)
-            packed = tl.sort((key << 32) | low, descending=True)
-            # Low word without 32-bit literals (their signedness differs between Triton versions).
-            order = BLOCK_N - (packed - ((packed >> 32) << 32))
-            tl.store(idx_ptr + pid64 * K + offs_n, order, mask=offs_n < K)
-            # The gather below reads the index back in row chunks (register tensors cannot be sliced); the
-            # barrier makes this CTA's global stores visible to all of its threads.
+            # Rank selection: rank[n] = #{m : m beats n}, where m beats n if key[m] > key[n] or (key[m] ==
+            # key[n] and m < n). key is the score's bit pattern mapped to an order-preserving int32 (flip the
+            # magnitude bits of negatives), so the order is total even with NaN and ranks are a permutation of
+            # 0..N-1: every output slot is written exactly once, ties go to the lower index first (the
+            # reference's stable-sort rule) and the result is deterministic. O(N^2) compares in BLOCK_M x
+            # BLOCK_N chunks is cheap next to the scores for N <= a few hundred and needs no tl.sort (whose
+            # bitonic network is also ~100x slower in the interpreter).
+            bits_n = s.to(tl.int32, bitcast=True)
+            key_n = bits_n ^ ((bits_n >> 31) & 0x7FFFFFFF)
+            tl.debug_barrier()  # make this CTA's score stores visible to all of its threads
+            rank = tl.zeros([BLOCK_N], tl.int32)
+            offs_m = tl.arange(0, BLOCK_M)
+            for m0 in range(0, N, BLOCK_M):
+                rows_m = m0 + offs_m
+                s_m = tl.load(scores_ptr + pid64 * N + rows_m, mask=rows_m < N, other=0.0)
+                bits_m = s_m.to(tl.int32, bitcast=True)
+                key_m = (bits_m ^ ((bits_m >> 31) & 0x7FFFFFFF))[:, None]
+                beats = (key_m > key_n[None, :]) | ((key_m == key_n[None, :]) & (rows_m[:, None] < offs_n[None, :]))
+                beats = beats & (rows_m < N)[:, None]
+                rank += tl.sum(beats.to(tl.int32), axis=0)
+            # Scatter: slot rank[n] of the index gets n (kept tokens only).
+            tl.store(idx_ptr + pid64 * K + rank, offs_n.to(tl.int64), mask=n_ok & (rank < K))
+            # The gather below reads the index back in row chunks.
             tl.debug_barrier()
 
             offs_k = tl.arange(0, BLOCK_K)
@@ -162,11 +171,11 @@ def _group_stride(t: Tensor) -> int:
     return 0 if t.shape[1] == 1 else t.stride(1)
 
 
-def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, *, scores: Optional[Tensor] = None,
+def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
             tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
-    """Launch :func:`_prune_kernel` (one program per (b, g)). ``scores`` given: write the fp32 scores;
-    ``index`` given: select and gather into ``out`` / ``out_pos``."""
+    """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
+    ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
     B, G, H, R, D = q.shape
     N = k.shape[3]
     select = index is not None
@@ -186,17 +195,17 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, *, s
     wrap = getattr(torch.library, "wrap_triton", None) or (lambda f: f)
     wrap(_prune_kernel)[(B * G,)](
         q, k, mask_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
-        scores if scores is not None else dummy, out if select else dummy,
+        scores, out if select else dummy,
         out_pos if pos is not None else dummy, index if select else dummy,
         G, H, R, N, D, C, K, float(scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
         sm[0], sm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
-        HAS_MASK=row_mask is not None, WRITE_SCORES=scores is not None, SELECT=select,
+        HAS_MASK=row_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
-        BLOCK_N=BLOCK_N, BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+        BLOCK_N=BLOCK_N, BLOCK_M=32, BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
         num_warps=4 if BLOCK_N <= 256 else 8,
     )
 
@@ -252,7 +261,7 @@ def _prune_fake(q, k, tokens, pos, gate, row_mask, keep, scale):
 @_register("gtpt_kernels::softmax_pool_scores", _scores_fake)
 def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float) -> Tensor:
     scores = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
-    _launch(q, k, row_mask, scale, scores=scores)
+    _launch(q, k, row_mask, scale, scores)
     return scores
 
 
@@ -260,7 +269,9 @@ def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], sc
 def _token_prune_op(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
                     row_mask: Optional[Tensor], keep: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     out, out_pos, index = _prune_alloc(q, tokens, pos, gate, keep)
-    _launch(q, k, row_mask, scale, tokens=tokens, pos=pos, gate=gate, out=out,
+    # fp32 score scratch for the in-kernel rank count (B*G*N*4 bytes, small next to the gathered rows).
+    scratch = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
+    _launch(q, k, row_mask, scale, scratch, tokens=tokens, pos=pos, gate=gate, out=out,
             out_pos=out_pos if pos is not None else None, index=index)
     return out, out_pos, index
 
