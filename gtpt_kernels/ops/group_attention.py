@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import get_backend, resolve_backend
+from ..backend import get_backend, interpreter_enabled, resolve_backend
 from ..reference import group_attention_reference
 
 try:
@@ -367,23 +367,15 @@ def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
     return fp32_precision if dtype == torch.float32 else "tf32"
 
 
-def _is_traced(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    return isinstance(t, (FakeTensor, FunctionalTensor))
-
-
 def _launch(kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel``: through ``wrap_triton`` when compiled (so ``torch.compile``/``make_fx`` see the kernel),
-    directly under the interpreter (whose ``InterpretedFunction`` older torch versions cannot wrap). Under fake
-    tracing an interpreted kernel has nothing to compute: the outputs' shapes are already allocated."""
+    """Launch ``kernel`` through ``wrap_triton`` when compiled, so that ``torch.compile``/``make_fx`` see the
+    kernel inside the ``triton_op``; directly under the interpreter (older torch cannot wrap an
+    ``InterpretedFunction``, and the interpreter registers the ops as opaque custom ops anyway)."""
     from triton.runtime.jit import JITFunction
     if isinstance(kernel, JITFunction):
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
-        return
-    if any(isinstance(a, Tensor) and _is_traced(a) for a in args):
-        return
-    kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _alloc(shape, dtype, device) -> Tensor:
@@ -461,14 +453,43 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
 
 _OP_AVAILABLE = triton is not None and hasattr(torch.library, "triton_op")
 
+
+def _register_op(name: str, fake):
+    """Register ``fn`` as ``gtpt::<name>``.
+
+    Compiled Triton: ``triton_op``, whose body (with ``wrap_triton`` launches) doubles as the fake impl and is
+    decomposed by ``torch.compile`` so Inductor sees the kernels. Interpreter: ``triton_op`` would decompose the
+    op under ``torch.compile`` into a graph that has lost the (unwrappable) interpreted launches, so the op is
+    an opaque ``custom_op`` with an explicit fake impl instead."""
+    def deco(fn):
+        if interpreter_enabled():
+            op = torch.library.custom_op(f"gtpt::{name}", mutates_args=())(fn)
+            op.register_fake(fake)
+        else:
+            op = torch.library.triton_op(f"gtpt::{name}", mutates_args=())(fn)
+        return op
+    return deco
+
+
+def _fwd_fake(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token: bool,
+              fp32_precision: str) -> Tuple[Tensor, Tensor]:
+    B, G, N, C3 = qkv.shape
+    return qkv.new_empty((B, G, N, C3 // 3)), qkv.new_empty((B, G, heads, N), dtype=torch.float32)
+
+
+def _bwd_fake(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int, num_shared: int, scale: float,
+              pad_token: bool, fp32_precision: str) -> Tensor:
+    return qkv.new_empty(qkv.shape)
+
+
 if _OP_AVAILABLE:
 
-    @torch.library.triton_op("gtpt::group_attention", mutates_args=())
+    @_register_op("group_attention", _fwd_fake)
     def _group_attention_op(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token: bool,
                             fp32_precision: str) -> Tuple[Tensor, Tensor]:
         return _fwd_impl(qkv, heads, num_shared, scale, pad_token, fp32_precision)
 
-    @torch.library.triton_op("gtpt::group_attention_backward", mutates_args=())
+    @_register_op("group_attention_backward", _bwd_fake)
     def _group_attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int,
                                      num_shared: int, scale: float, pad_token: bool,
                                      fp32_precision: str) -> Tensor:
