@@ -171,11 +171,27 @@ def _group_stride(t: Tensor) -> int:
     return 0 if t.shape[1] == 1 else t.stride(1)
 
 
+def _skip_launch(t: Tensor) -> bool:
+    """True for fake / meta tensors under the Triton interpreter. ``wrap_triton`` hands back the bare
+    interpreted kernel there (no tracing wrapper), so the op's fake impl (the op function run on fake tensors)
+    would otherwise execute the kernel on tensors without data. With compiled Triton, ``wrap_triton`` turns
+    the launch into a traceable higher-order op and this never triggers."""
+    if t.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor)
+
+
 def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
             tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
     """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
     ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
+    if _skip_launch(q):
+        return
     B, G, H, R, D = q.shape
     N = k.shape[3]
     select = index is not None

@@ -1,0 +1,422 @@
+"""Tests of the fused softmax-pool scoring / top-k / gather kernel (gtpt_kernels.ops.token_prune).
+
+On a CPU machine the Triton kernel runs in the interpreter (conftest sets TRITON_INTERPRET=1), so shapes are
+small: B <= 2 and few heads except for the three GTPT site shapes. The contract is
+gtpt_kernels.reference: scores within 1e-5 relative of fp64, the kept index equal to the reference's stable
+descending order of the kernel's own scores (and the kept *set* equal to torch.topk of the fp64 scores on
+inputs without near-ties), gathered rows bit-exact, gradients equal to reference autograd.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gtpt_kernels import TokenPrune, keep_count, softmax_pool_scores, token_prune
+from gtpt_kernels.ops import token_prune as tp_mod
+from gtpt_kernels.reference import (gather_tokens_reference, softmax_pool_scores_reference, split_qkv,
+                                    token_prune_reference, topk_indices_reference)
+from gtpt_kernels.testing import assert_close, poison_
+
+SCALE = 192 ** -0.5  # GTPT scales by the model dim
+
+
+def make_site(B, G, H, R, D, N, C, *, k_groups=None, tok_groups=None, dtype=torch.float32, device="cpu",
+              row_mask=None, gate=False, pos=True, seed=0, spread=3.0):
+    """Inputs of one pruning site laid out like the model's: q and k are strided views of packed to_qkv
+    outputs (B, G, tokens, 3*H*D) (q the first R rows, k the N visual rows), tokens/pos slices of a wider
+    buffer, so no input is contiguous. ``spread`` scales q so logits span a few units (distinct scores)."""
+    gen = torch.Generator().manual_seed(seed)
+    kg = G if k_groups is None else k_groups
+    tg = G if tok_groups is None else tok_groups
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+    q_src = rnd(B, G, R + 2, 3 * H * D, scale=spread)
+    k_src = rnd(B, kg, N + 1, 3 * H * D)
+    q = split_qkv(q_src, H)[0][:, :, :, 1:R + 1]   # (B, G, H, R, D) view
+    k = split_qkv(k_src, H)[1][:, :, :, 1:]         # (B, kg, H, N, D) view
+    tokens = rnd(B, tg, N, C + 3)[..., 2:C + 2]      # non-contiguous channel slice
+    p = rnd(B, tg, N, C + 3)[..., 1:C + 1] if pos else None
+    g = torch.rand(B, G, N, C, generator=gen).to(dtype=dtype, device=device) if gate else None
+    return dict(q=q, k=k, tokens=tokens, pos=p, gate=g, row_mask=row_mask)
+
+
+def dummy_row_mask(G, R, device="cpu"):
+    """GTPT's COCO layout: row 0 of group 0 is the padded dummy row."""
+    m = torch.ones(G, R, dtype=torch.bool, device=device)
+    m[0, 0] = False
+    return m
+
+
+def ref_scores64(inp):
+    return softmax_pool_scores_reference(inp["q"].double(), inp["k"].double(), SCALE, inp["row_mask"])
+
+
+def run_prune(inp, keep, backend="triton"):
+    return token_prune(inp["q"], inp["k"], inp["tokens"], inp["pos"], keep, SCALE, row_mask=inp["row_mask"],
+                       gate=inp["gate"], backend=backend)
+
+
+def expected_rows(inp, index):
+    """Reference gather (and gate product) with the kernel's own index: what the kernel must write bit-exactly."""
+    out = gather_tokens_reference(inp["tokens"], index)
+    out_pos = gather_tokens_reference(inp["pos"], index) if inp["pos"] is not None else None
+    if inp["gate"] is not None:
+        g = gather_tokens_reference(inp["gate"], index)
+        out = out * g
+        out_pos = out_pos * g if out_pos is not None else None
+    return out, out_pos
+
+
+def assert_topk_set(scores64, index, keep, min_gap=1e-4):
+    """Kept set == torch.topk of the fp64 scores; the inputs must have no near-tie at the cut (checked)."""
+    srt = scores64.sort(dim=-1, descending=True).values
+    if keep < scores64.shape[-1]:
+        gap = (srt[..., keep - 1] - srt[..., keep]).min().item()
+        assert gap > min_gap, f"test inputs have a near-tie at the cut (gap {gap:.2e}); pick another seed"
+    want = torch.topk(scores64, keep, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(index.sort(dim=-1).values, want)
+
+
+# name: (B, G, H, R, D, N, C, k_groups, tok_groups, keep, row_mask, gate)
+SITES = {
+    "coarse_L3": (2, 1, 8, 1, 24, 256, 192, 1, 1, 179, False, False),
+    "fine_entry": (2, 3, 8, 6, 24, 179, 192, 1, 1, 76, True, True),
+    "fine_L3": (2, 3, 8, 6, 24, 76, 192, 3, 3, 25, True, False),
+}
+
+
+@pytest.mark.parametrize("site", list(SITES))
+def test_gtpt_sites(site, device):
+    B, G, H, R, D, N, C, kg, tg, keep, rm, gate = SITES[site]
+    inp = make_site(B, G, H, R, D, N, C, k_groups=kg, tok_groups=tg, gate=gate, device=device,
+                    row_mask=dummy_row_mask(G, R, device) if rm else None, seed=1)
+    out, out_pos, index = run_prune(inp, keep)
+    assert index.dtype == torch.int64 and index.shape == (B, G, keep)
+    s64 = ref_scores64(inp)
+    assert_topk_set(s64, index.cpu(), keep)
+    scores = softmax_pool_scores(inp["q"], inp["k"], SCALE, inp["row_mask"], backend="triton")
+    assert_close(scores, s64, rtol=1e-5, what="scores")
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    want_out, want_pos = expected_rows(inp, index)
+    assert torch.equal(out, want_out) and torch.equal(out_pos, want_pos)
+    # And the whole thing against the reference op.
+    r_out, r_pos, r_idx = token_prune_reference(inp["q"], inp["k"], inp["tokens"], inp["pos"], keep, SCALE,
+                                                inp["row_mask"], inp["gate"])
+    assert torch.equal(index, r_idx) and torch.equal(out, r_out) and torch.equal(out_pos, r_pos)
+
+
+def test_wholebody_fine_entry(device):
+    """WholeBody: groups with 6/8/8 rows padded to 8 via row_mask; keep = max over groups."""
+    B, G, H, R, D, N, C = 1, 3, 8, 8, 24, 179, 16
+    rm = torch.ones(G, R, dtype=torch.bool, device=device)
+    rm[0, 6:] = False
+    inp = make_site(B, G, H, R, D, N, C, k_groups=1, tok_groups=1, gate=True, row_mask=rm, device=device, seed=2)
+    out, out_pos, index = run_prune(inp, 122)
+    assert_topk_set(ref_scores64(inp), index.cpu(), 122)
+    r_out, r_pos, r_idx = token_prune_reference(inp["q"], inp["k"], inp["tokens"], inp["pos"], 122, SCALE, rm,
+                                                inp["gate"])
+    assert torch.equal(index, r_idx) and torch.equal(out, r_out) and torch.equal(out_pos, r_pos)
+
+
+# Odd sizes: (B, G, H, R, D, N, C, k_groups, tok_groups, keep, row_mask, gate, pos)
+ODD = [
+    (1, 1, 2, 1, 16, 1, 8, 1, 1, 1, False, False, True),     # N = 1
+    (2, 1, 1, 3, 5, 5, 3, 1, 1, 5, False, True, True),       # keep = N, odd D / C
+    (1, 3, 2, 2, 24, 37, 40, 1, 1, 7, True, True, False),    # broadcast k + tokens, no pos, gate
+    (2, 3, 2, 8, 16, 37, 70, 3, 1, 36, True, False, True),   # R = 8, tokens broadcast only
+    (1, 3, 3, 7, 24, 179, 65, 3, 3, 76, False, False, True), # R = 7, C just over a tile
+    (1, 2, 2, 4, 24, 33, 64, 2, 2, 32, True, True, True),    # N just over a 32-row chunk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", ODD, ids=lambda s: "B{}G{}H{}R{}D{}N{}C{}k{}".format(*s[:7], s[9]))
+def test_odd_shapes(shape, dtype, device):
+    B, G, H, R, D, N, C, kg, tg, keep, rm, gate, pos = shape
+    inp = make_site(B, G, H, R, D, N, C, k_groups=kg, tok_groups=tg, gate=gate, pos=pos, dtype=dtype,
+                    device=device, row_mask=dummy_row_mask(G, R, device) if rm else None, seed=3)
+    scores = softmax_pool_scores(inp["q"], inp["k"], SCALE, inp["row_mask"], backend="triton")
+    assert scores.dtype == torch.float32 and scores.shape == (B, G, N)
+    # fp16 inputs are upcast exactly, so fp32 accuracy holds against fp64 of the same fp16 values.
+    assert_close(scores, ref_scores64(inp), rtol=1e-5, what="scores")
+    out, out_pos, index = run_prune(inp, keep)
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    assert_topk_set(ref_scores64(inp), index.cpu(), keep)
+    want_out, want_pos = expected_rows(inp, index)
+    assert out.dtype == want_out.dtype and torch.equal(out, want_out)
+    if pos:
+        assert out_pos.dtype == want_pos.dtype and torch.equal(out_pos, want_pos)
+    else:
+        assert out_pos is None
+
+
+def test_tie_rule(device):
+    """Exact ties (duplicate key rows give bit-identical scores): lower index wins and comes first."""
+    B, G, H, R, D, N, C = 1, 2, 2, 3, 16, 37, 8
+    inp = make_site(B, G, H, R, D, N, C, k_groups=1, tok_groups=1, device=device, seed=4)
+    keep = 10
+    order = topk_indices_reference(ref_scores64(inp), N)[0, 0]  # group 0's full ranking
+    k = inp["k"].clone()
+    # Straddle the cut: a dropped token with a lower index than the last kept one becomes its duplicate, so
+    # the lower one must take the last slot. Inside the kept set, two other kept tokens become duplicates of
+    # the best one (the kept set is unchanged by that) and must follow it in index order.
+    last = int(order[keep - 1])
+    lower_dropped = [int(n) for n in order[keep:] if int(n) < last]
+    assert lower_dropped, "seed gives no lower-index dropped token"
+    lo = lower_dropped[0]
+    k[:, :, :, lo] = k[:, :, :, last]
+    best = int(order[0])
+    dups = [int(n) for n in order[1:keep - 1]][:2]
+    for n in dups:
+        k[:, :, :, n] = k[:, :, :, best]
+    inp["k"] = k
+    scores = softmax_pool_scores(inp["q"], k, SCALE, backend="triton")
+    assert scores[0, 0, lo] == scores[0, 0, last] and all(scores[0, 0, n] == scores[0, 0, best] for n in dups)
+    out, out_pos, index = run_prune(inp, keep)
+    idx = index[0, 0].tolist()
+    assert lo in idx and last not in idx
+    tied = sorted([best] + dups)
+    pos_of = [idx.index(n) for n in tied]
+    assert pos_of == sorted(pos_of) and pos_of[-1] - pos_of[0] == len(tied) - 1, "ties not in index order"
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    assert torch.equal(index, token_prune_reference(inp["q"], k, inp["tokens"], inp["pos"], keep, SCALE)[2])
+
+
+def test_all_equal_scores(device):
+    """q = 0: every logit and score is 0, so the selection is the first `keep` tokens in index order."""
+    inp = make_site(2, 3, 2, 2, 8, 37, 5, device=device, seed=5)
+    inp["q"] = torch.zeros_like(inp["q"])
+    out, out_pos, index = run_prune(inp, 20)
+    assert torch.equal(index, torch.arange(20, device=device).expand(2, 3, 20))
+    assert torch.equal(out, inp["tokens"][:, :, :20]) and torch.equal(out_pos, inp["pos"][:, :, :20])
+
+
+def test_row_mask_excludes_rows(device):
+    """An excluded row must not influence the scores, however large its logits."""
+    G, R = 3, 4
+    rm = dummy_row_mask(G, R, device)
+    inp = make_site(1, G, 2, R, 16, 37, 8, row_mask=rm, device=device, seed=6)
+    base = softmax_pool_scores(inp["q"], inp["k"], SCALE, rm, backend="triton")
+    q2 = inp["q"].clone()
+    q2[:, 0, :, 0] *= 1000.0  # only the excluded (g=0, r=0) row changes
+    assert torch.equal(softmax_pool_scores(q2, inp["k"], SCALE, rm, backend="triton"), base)
+    # ...while with the row included the scores do change (so the test can fail).
+    assert not torch.equal(softmax_pool_scores(q2, inp["k"], SCALE, None, backend="triton"),
+                           softmax_pool_scores(inp["q"], inp["k"], SCALE, None, backend="triton"))
+
+
+def test_large_logits_no_overflow(device):
+    """Logits in the hundreds: the online max keeps exp() finite."""
+    inp = make_site(1, 3, 2, 3, 16, 37, 8, spread=400.0, device=device, seed=7)
+    scores = softmax_pool_scores(inp["q"], inp["k"], SCALE, backend="triton")
+    assert_close(scores, ref_scores64(inp), rtol=1e-5, what="scores")
+
+
+def test_poisoned_outputs_fully_written(device):
+    """Launch into NaN / -1 prefilled buffers: every element of every output must be overwritten."""
+    B, G, H, R, D, N, C, keep = 2, 3, 2, 3, 16, 37, 70, 33
+    inp = make_site(B, G, H, R, D, N, C, k_groups=1, tok_groups=1, gate=True, device=device,
+                    row_mask=dummy_row_mask(G, R, device), seed=8)
+    scores = poison_(torch.empty(B, G, N, device=device))
+    out = poison_(torch.empty(B, G, keep, C, device=device))
+    out_pos = poison_(torch.empty(B, G, keep, C, device=device))
+    index = torch.full((B, G, keep), -1, dtype=torch.int64, device=device)
+    tp_mod._launch(inp["q"], inp["k"], inp["row_mask"], SCALE, scores, tokens=inp["tokens"], pos=inp["pos"],
+                   gate=inp["gate"], out=out, out_pos=out_pos, index=index)
+    assert torch.isfinite(scores).all() and torch.isfinite(out).all() and torch.isfinite(out_pos).all()
+    assert (index >= 0).all() and (index < N).all()
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    want_out, want_pos = expected_rows(inp, index)
+    assert torch.equal(out, want_out) and torch.equal(out_pos, want_pos)
+    only_scores = poison_(torch.empty(B, G, N, device=device))
+    tp_mod._launch(inp["q"], inp["k"], inp["row_mask"], SCALE, only_scores)
+    assert torch.equal(only_scores, scores)
+
+
+def _grad_case(dtype, device, gate=True, seed=9):
+    # Broadcast tokens/pos (B, 1, N, C) with G = 3 exercises the group reduction of the scatter backward.
+    inp = make_site(2, 3, 2, 3, 16, 37, 12, k_groups=1, tok_groups=1, gate=gate, dtype=dtype, device=device,
+                    row_mask=dummy_row_mask(3, 3, device), seed=seed)
+    leaves = {}
+    for name in ("tokens", "pos", "gate"):
+        if inp[name] is not None:
+            leaves[name] = inp[name].detach().clone().requires_grad_(True)
+    return inp, leaves
+
+
+def _grads(fn, inp, leaves, keep, w_out, w_pos):
+    args = {**inp, **leaves}
+    out, out_pos, index = fn(args["q"], args["k"], args["tokens"], args["pos"], keep, SCALE,
+                             args["row_mask"], args["gate"])
+    loss = (out.float() * w_out).sum() + (out_pos.float() * w_pos).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return index, dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_match_reference(dtype, gate, device):
+    inp, leaves = _grad_case(dtype, device, gate=gate)
+    keep = 17
+    gen = torch.Generator().manual_seed(10)
+    w_out = torch.randn(2, 3, keep, 12, generator=gen).to(device)
+    w_pos = torch.randn(2, 3, keep, 12, generator=gen).to(device)
+    kern = lambda *a: token_prune(*a, backend="triton")  # noqa: E731
+    idx_k, g_k = _grads(kern, inp, leaves, keep, w_out, w_pos)
+    idx_r, g_r = _grads(token_prune_reference, inp, leaves, keep, w_out, w_pos)
+    assert torch.equal(idx_k, idx_r)
+    for name in leaves:
+        assert g_k[name].dtype == leaves[name].dtype and g_k[name].shape == leaves[name].shape
+        assert torch.equal(g_k[name], g_r[name]), f"grad of {name} differs"
+    # The scatter really targets the kept rows: dropped tokens get zero gradient, kept ones (almost surely) not.
+    kept = torch.zeros(2, 37, dtype=torch.bool, device=device)
+    for b in range(2):
+        kept[b, idx_k[b].flatten()] = True
+    row_norm = g_k["tokens"].abs().sum(-1)[:, 0]
+    assert (row_norm[~kept] == 0).all() and (row_norm[kept] > 0).all()
+
+
+def test_no_grad_to_q_k_and_pos_none(device):
+    inp, leaves = _grad_case(torch.float32, device)
+    q = inp["q"].detach().clone().requires_grad_(True)
+    out, out_pos, index = token_prune(q, inp["k"], leaves["tokens"], None, 5, SCALE, inp["row_mask"],
+                                      leaves["gate"], backend="triton")
+    assert out_pos is None and out.requires_grad and not index.requires_grad
+    d_tok, d_gate = torch.autograd.grad(out.sum(), [leaves["tokens"], leaves["gate"]])
+    r_out, _, _ = token_prune_reference(q, inp["k"], leaves["tokens"], None, 5, SCALE, inp["row_mask"],
+                                        leaves["gate"])
+    r_tok, r_gate = torch.autograd.grad(r_out.sum(), [leaves["tokens"], leaves["gate"]])
+    assert torch.equal(d_tok, r_tok) and torch.equal(d_gate, r_gate)
+    assert q.grad is None
+
+
+def test_deterministic(device):
+    inp, leaves = _grad_case(torch.float32, device, seed=11)
+    runs = []
+    for _ in range(2):
+        args = {**inp, **leaves}
+        out, out_pos, index = token_prune(args["q"], args["k"], args["tokens"], args["pos"], 9, SCALE,
+                                          args["row_mask"], args["gate"], backend="triton")
+        grads = torch.autograd.grad(out.sum() + 2 * out_pos.sum(), list(leaves.values()))
+        runs.append((out, out_pos, index) + tuple(grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_module_and_auto_backend(device):
+    inp = make_site(1, 3, 2, 2, 16, 37, 8, gate=True, row_mask=dummy_row_mask(3, 2, device), device=device, seed=12)
+    mod = TokenPrune(keep=11, scale=SCALE, backend="triton")
+    assert "keep=11" in repr(mod)
+    out, out_pos, index = mod(inp["q"], inp["k"], inp["tokens"], inp["pos"], inp["row_mask"], inp["gate"])
+    a_out, a_pos, a_idx = run_prune(inp, 11, backend=None)  # auto: the interpreter / CUDA picks triton
+    r_out, r_pos, r_idx = run_prune(inp, 11, backend="reference")
+    for x, y, z in ((out, a_out, r_out), (out_pos, a_pos, r_pos), (index, a_idx, r_idx)):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_opcheck(device):
+    """torch.library consistency: schema, fake impl (shapes / dtypes), autograd registration."""
+    inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, gate=True, row_mask=dummy_row_mask(3, 2, device),
+                    device=device, seed=13)
+    tokens = inp["tokens"].detach().clone().requires_grad_(True)
+    args = (inp["q"], inp["k"], tokens, inp["pos"], inp["gate"], inp["row_mask"], 4, SCALE)
+    torch.library.opcheck(torch.ops.gtpt_kernels.token_prune.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.gtpt_kernels.softmax_pool_scores.default,
+                          (inp["q"], inp["k"], inp["row_mask"], SCALE),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_keep_count():
+    assert [keep_count(r) for r in (0.7, 0.3, 0.1)] == [179, 76, 25]
+    assert [keep_count(0.5, 256, nd) for nd in (68, 42, 6)] == [60, 86, 122]
+    assert keep_count(1.0) == 256
+    for bad in (0.0, -0.1, 1.5, "0.5"):
+        with pytest.raises(ValueError):
+            keep_count(bad)
+    with pytest.raises(ValueError):
+        keep_count(0.01, 256, 3)  # keeps 2 - 3 < 1
+
+
+def test_errors(device):
+    inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, gate=True, device=device, seed=14)
+    q, k, tok, pos, gate = inp["q"], inp["k"], inp["tokens"], inp["pos"], inp["gate"]
+
+    def call(**kw):
+        a = dict(q=q, k=k, tokens=tok, pos=pos, keep=4, scale=SCALE, row_mask=None, gate=gate, backend="triton")
+        a.update(kw)
+        return token_prune(**a)
+
+    for keep in (0, -1, 10):
+        with pytest.raises(ValueError, match="keep"):
+            call(keep=keep)
+    with pytest.raises(TypeError, match="keep"):
+        call(keep=4.0)
+    with pytest.raises(ValueError):
+        call(k=k[:, :, :1])                         # head count mismatch
+    with pytest.raises(ValueError, match="does not match"):
+        call(k=k.expand(1, 2, *k.shape[2:]))          # k group dim neither 1 nor G
+    with pytest.raises(ValueError, match="does not match"):
+        call(k=k[..., :8])                           # head dim mismatch
+    with pytest.raises(ValueError, match="tokens"):
+        call(tokens=tok[:, :, :8])                   # wrong N
+    with pytest.raises(ValueError, match="pos"):
+        call(pos=pos[:, :, :, :3])                   # wrong channels
+    with pytest.raises(ValueError, match="gate"):
+        call(gate=gate[:, :1])                       # gate must be per group
+    with pytest.raises(ValueError, match="row_mask"):
+        call(row_mask=torch.ones(3, 3, dtype=torch.bool))
+    bad = torch.ones(3, 2, dtype=torch.bool)
+    bad[1] = False
+    with pytest.raises(ValueError, match="without any query row"):
+        call(row_mask=bad)
+    with pytest.raises(TypeError):
+        call(k=k.double())
+    with pytest.raises(TypeError, match="gate"):
+        call(gate=(gate > 0.5))
+    with pytest.raises(ValueError, match="tokens is on meta"):
+        call(tokens=tok.to("meta"))
+    with pytest.raises(ValueError, match="gate is on meta"):
+        call(gate=gate.to("meta"))
+    with pytest.raises(ValueError, match="different devices"):
+        call(k=k.to("meta"))
+    with pytest.raises(ValueError):
+        softmax_pool_scores(q, k.transpose(1, 2), SCALE, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("site", list(SITES))
+def test_bf16_sites_gpu(site):
+    B, G, H, R, D, N, C, kg, tg, keep, rm, gate = SITES[site]
+    B = 8
+    inp = make_site(B, G, H, R, D, N, C, k_groups=kg, tok_groups=tg, gate=gate, dtype=torch.bfloat16,
+                    device="cuda", row_mask=dummy_row_mask(G, R, "cuda") if rm else None, seed=15)
+    scores = softmax_pool_scores(inp["q"], inp["k"], SCALE, inp["row_mask"], backend="triton")
+    assert_close(scores, ref_scores64(inp), rtol=1e-5, what="scores")
+    out, out_pos, index = run_prune(inp, keep)
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    want_out, want_pos = expected_rows(inp, index)
+    assert torch.equal(out, want_out) and torch.equal(out_pos, want_pos)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gpu():
+    inp = make_site(4, 3, 8, 6, 24, 179, 192, k_groups=1, tok_groups=1, gate=True, device="cuda",
+                    row_mask=dummy_row_mask(3, 6, "cuda"), seed=16)
+    tokens = inp["tokens"].detach().clone().requires_grad_(True)
+
+    def f(q, k, tokens, pos, row_mask, gate):
+        out, out_pos, index = token_prune(q, k, tokens, pos, 76, SCALE, row_mask, gate, backend="triton")
+        return out * 2 + out_pos, index
+
+    compiled = torch.compile(f, fullgraph=True)
+    args = (inp["q"], inp["k"], tokens, inp["pos"], inp["row_mask"], inp["gate"])
+    y, idx = compiled(*args)
+    y_e, idx_e = f(*args)
+    assert torch.equal(idx, idx_e)
+    assert_close(y, y_e, what="compiled")
+    (g,) = torch.autograd.grad(y.sum(), [tokens])
+    (g_e,) = torch.autograd.grad(y_e.sum(), [tokens])
+    assert_close(g, g_e, what="compiled grad")
