@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Side-by-side timing of the fused MHGA kernel against its baselines, at GTPT shapes.
+
+Implementations (all on the same packed ``qkv (B, G, N, 3C)``, same dtype, same semantics incl. the pad token):
+
+* ``fused``    - :func:`gtpt_kernels.group_attention` with ``backend="triton"``.
+* ``eager``    - :func:`gtpt_kernels.reference.group_attention_reference` (the literal GTPT computation).
+* ``sdpa``     - what a user would write by hand: materialise the shared keys/values per group (dropping the
+  dummy key), ``F.scaled_dot_product_attention`` (flash / mem-efficient backend), zero the dummy row.
+* ``flex``     - compiled FlexAttention on the flat per-image sequence (G*N tokens) with a ``mask_mod``
+  "key is shared (and not the dummy), or same group"; the ``BlockMask`` is built once per shape, outside timing.
+* ``compiled`` - ``torch.compile`` of the eager reference (mode from ``--compile-mode``).
+
+Prints a table of milliseconds, the fused kernel's speed-up over each baseline, peak memory, and the fused kernel's
+percentage of the memory-bandwidth floor (kernel-anchors section 8: bytes = read q, k, v once + write o + the
+fp32 LSE; backward adds reading q, k, v, o, dO, LSE, delta and writing dq, dk, dv; 3.0 TB/s on H100). Writes
+``group_attention.json`` and ``group_attention.md`` under ``--out-dir``.
+
+Needs a CUDA GPU; ``--cpu-smoke`` runs a tiny B=1 pass on CPU (fused only under ``TRITON_INTERPRET=1``) to check
+the pipeline and output files. ``bench_group_attention.py`` (pytest-benchmark) imports the cases and callables
+from here, so both measure exactly the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from gtpt_kernels import group_attention  # noqa: E402
+from gtpt_kernels.reference import group_attention_keys, group_attention_reference, split_qkv  # noqa: E402
+
+HBM_BYTES_PER_S = 3.0e12  # H100 SXM measured copy bandwidth (kernel-anchors section 8)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    G: int
+    N: int          # queries (tokens) per group
+    S: int          # shared tokens per group
+    pad: bool       # GTPT's padded head group (dummy key 0 / dummy query row)
+    heads: int = 8
+    dim: int = 192  # GTPT-S / B: 8 heads of 24
+
+    @property
+    def keys(self) -> int:
+        return self.G * self.S + self.N - self.S
+
+
+SHAPES = {
+    s.name: s for s in [
+        Shape("coco_fine", 3, 82, 6, True),        # COCO-S fine layers 0-3: 82 queries, 94 keys
+        Shape("coco_fine_late", 3, 31, 6, True),   # fine layers 4-5: 31 queries, 43 keys
+        Shape("teacher", 3, 262, 6, True),         # unpruned teacher pass: 262 queries, 274 keys
+        Shape("wholebody_fine", 3, 134, 6, True),  # WholeBody-S: 134 queries, 146 keys
+        Shape("coarse", 1, 257, 0, False),         # plain MHSA of the 6 coarse layers
+    ]
+}
+IMPLS = ("fused", "eager", "sdpa", "flex", "compiled")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(shape: Shape, B: int, dtype: torch.dtype, device, requires_grad: bool, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(B, shape.G, shape.N, 3 * shape.dim, generator=gen).to(device, dtype)
+    grad = torch.randn(B, shape.G, shape.N, shape.dim, generator=gen).to(device, dtype)
+    return qkv.requires_grad_(requires_grad), grad
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Baselines
+# ------------------------------------------------------------------------------------------------------------
+
+def _pad_row_keep(shape: Shape, device, dtype):
+    keep = torch.ones(shape.G, 1, shape.N, 1, device=device, dtype=dtype)
+    keep[0, 0, 0, 0] = 0
+    return keep
+
+
+def sdpa_group_attention(qkv, shape: Shape, scale: float, row_keep=None):
+    """Hand-written baseline: concatenated shared keys + SDPA. The dummy key is dropped (instead of masked) so
+    that no attention mask is needed and the flash backend stays eligible."""
+    B, G, N, _ = qkv.shape
+    q, k, v = split_qkv(qkv, shape.heads)                  # (B, G, H, N, D) views
+    k = group_attention_keys(k, shape.S)                   # (B, G, H, L, D), materialised
+    v = group_attention_keys(v, shape.S)
+    if shape.pad:
+        k, v = k[:, :, :, 1:], v[:, :, :, 1:]
+    D = q.shape[-1]
+    o = F.scaled_dot_product_attention(q.reshape(B * G, shape.heads, N, D), k.reshape(B * G, shape.heads, -1, D),
+                                       v.reshape(B * G, shape.heads, -1, D), scale=scale)
+    o = o.view(B, G, shape.heads, N, D)
+    if shape.pad:
+        o = o * row_keep
+    return o.transpose(2, 3).reshape(B, G, N, shape.dim)
+
+
+def make_flex(shape: Shape, B: int, device, scale: float):
+    """Compiled FlexAttention on the flat (B, H, G*N, D) sequence; returns a callable ``qkv -> out``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    G, N, S = shape.G, shape.N, shape.S
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_group = (q_idx // N) == (kv_idx // N)
+        allowed = ((kv_idx % N) < S) | same_group
+        if shape.pad:
+            allowed = allowed & (kv_idx != 0)
+        return allowed
+
+    block_mask = create_block_mask(mask_mod, None, None, G * N, G * N, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    row_keep = _pad_row_keep(shape, device, torch.float32) if shape.pad else None
+
+    def run(qkv):
+        q, k, v = split_qkv(qkv, shape.heads)  # (B, G, H, N, D)
+        D = q.shape[-1]
+        flat = [t.permute(0, 2, 1, 3, 4).reshape(B, shape.heads, G * N, D) for t in (q, k, v)]
+        o = flex(*flat, block_mask=block_mask, scale=scale)  # (B, H, G*N, D)
+        o = o.view(B, shape.heads, G, N, D).permute(0, 2, 1, 3, 4)
+        if shape.pad:
+            o = o * row_keep.to(o.dtype)
+        return o.transpose(2, 3).reshape(B, G, N, shape.dim)
+
+    return run
+
+
+def make_callable(impl: str, shape: Shape, B: int, dtype: torch.dtype, device,
+                  compile_mode: Optional[str] = None) -> Callable:
+    """``qkv -> out`` for one implementation; built once per (impl, shape, B, dtype) (compiles/masks here)."""
+    scale = shape.dim ** -0.5
+    H, S, pad = shape.heads, shape.S, shape.pad
+    if impl == "fused":
+        return lambda qkv: group_attention(qkv, H, S, scale, pad, backend="triton")
+    if impl == "eager":
+        return lambda qkv: group_attention_reference(qkv, H, S, scale, pad)
+    if impl == "sdpa":
+        keep = _pad_row_keep(shape, device, dtype) if pad else None
+        return lambda qkv: sdpa_group_attention(qkv, shape, scale, keep)
+    if impl == "flex":
+        return make_flex(shape, B, device, scale)
+    if impl == "compiled":
+        fn = torch.compile(lambda qkv: group_attention_reference(qkv, H, S, scale, pad), mode=compile_mode,
+                           dynamic=False)
+        return fn
+    raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+
+
+def check_against_reference(fn: Callable, shape: Shape, qkv) -> float:
+    """Max abs difference to the eager reference evaluated in fp32 on the same input."""
+    with torch.no_grad():
+        out = fn(qkv).float()
+        ref = group_attention_reference(qkv.float(), shape.heads, shape.S, shape.dim ** -0.5, shape.pad)
+    return (out - ref).abs().max().item()
+
+
+def make_step(fn: Callable, mode: str, qkv, grad, sync: bool) -> Callable[[], None]:
+    """A zero-argument timed step: forward (no autograd graph kept) or forward + backward."""
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(qkv)
+        else:
+            qkv.grad = None
+            fn(qkv).backward(grad)
+        if sync:
+            torch.cuda.synchronize()
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Floors and environment
+# ------------------------------------------------------------------------------------------------------------
+
+def floor_bytes(shape: Shape, B: int, dtype: torch.dtype, mode: str) -> int:
+    """Compulsory HBM traffic of a fused implementation (shared rows re-read from L2 are not counted)."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    rows = B * shape.G * shape.N
+    lse = rows * shape.heads * 4
+    fwd = rows * 3 * shape.dim * e + rows * shape.dim * e + lse
+    if mode == "fwd":
+        return fwd
+    bwd = rows * (3 + 1 + 1) * shape.dim * e + 2 * lse + rows * 3 * shape.dim * e  # read q,k,v,o,dO,LSE,delta
+    return fwd + bwd                                                               # write dq,dk,dv
+
+
+def environment(device) -> dict:
+    import triton
+    env = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+               device=str(device))
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runner
+# ------------------------------------------------------------------------------------------------------------
+
+def _time_ms(step: Callable[[], None], device, warmup: int, rep: int):
+    if str(device).startswith("cuda"):
+        import triton.testing
+        med, lo, hi = triton.testing.do_bench(step, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return med, lo, hi
+    step()  # CPU smoke: wall clock over a few calls
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[1], times[0], times[-1]
+
+
+def _peak_mb(step: Callable[[], None], device) -> Optional[float]:
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def run_all(shapes: List[Shape], batches: List[int], dtypes: List[str], impls: List[str], modes: List[str],
+            device, warmup: int, rep: int, compile_mode: Optional[str]) -> List[dict]:
+    rows = []
+    sync = str(device).startswith("cuda")
+    for shape in shapes:
+        for B in batches:
+            for dname in dtypes:
+                dtype = DTYPES[dname]
+                for mode in modes:
+                    qkv, grad = make_inputs(shape, B, dtype, device, requires_grad=(mode != "fwd"))
+                    for impl in impls:
+                        row = dict(shape=shape.name, G=shape.G, N=shape.N, L=shape.keys, S=shape.S, B=B,
+                                   heads=shape.heads, dim=shape.dim, dtype=dname, mode=mode, impl=impl)
+                        try:
+                            fn = make_callable(impl, shape, B, dtype, device, compile_mode)
+                            step = make_step(fn, mode, qkv, grad, sync)
+                            step()  # compile / build outside the timing
+                            if mode == "fwd":  # every baseline must compute the same thing
+                                row["max_err_vs_eager"] = check_against_reference(fn, shape, qkv)
+                            row["ms"], row["ms_p20"], row["ms_p80"] = _time_ms(step, device, warmup, rep)
+                            row["peak_mb"] = _peak_mb(step, device)
+                        except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
+                            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        rows.append(row)
+                        print(_fmt_progress(row), flush=True)
+                    del qkv, grad
+    _add_ratios(rows)
+    return rows
+
+
+def _fmt_progress(row: dict) -> str:
+    res = f"{row['ms']:.4f} ms" if "ms" in row else row["error"]
+    return f"  {row['shape']:>15} B={row['B']:<4} {row['dtype']} {row['mode']:<8} {row['impl']:<9} {res}"
+
+
+def _add_ratios(rows: List[dict]) -> None:
+    key = lambda r: (r["shape"], r["B"], r["dtype"], r["mode"])  # noqa: E731
+    fused = {key(r): r for r in rows if r["impl"] == "fused" and "ms" in r}
+    for r in rows:
+        f = fused.get(key(r))
+        if f is None or "ms" not in r:
+            continue
+        r["fused_speedup"] = r["ms"] / f["ms"]  # > 1: the fused kernel is faster than this implementation
+        if r["impl"] == "fused":
+            shape = SHAPES[r["shape"]]
+            nbytes = floor_bytes(shape, r["B"], DTYPES[r["dtype"]], r["mode"])
+            r["floor_bytes"] = nbytes
+            r["floor_ms"] = nbytes / HBM_BYTES_PER_S * 1e3
+            r["pct_of_floor"] = 100.0 * r["floor_ms"] / r["ms"]
+
+
+def to_markdown(rows: List[dict], env: dict) -> str:
+    lines = ["# MHGA fused kernel vs baselines", "",
+             "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), "",
+             "Times are medians (ms). `xN` = the fused kernel is N times faster than that implementation. "
+             "`floor %` = memory-bandwidth floor (3.0 TB/s) / fused time.", ""]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    head = "| shape | B | dtype | mode | " + " | ".join(impls) + " | fused peak MB | floor % |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    groups: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["B"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    for (shape, B, dtype, mode), by_impl in groups.items():
+        cells = []
+        for i in impls:
+            r = by_impl.get(i)
+            if r is None:
+                cells.append("")
+            elif "ms" not in r:
+                cells.append("n/a")
+            elif i == "fused" or "fused_speedup" not in r:
+                cells.append(f"{r['ms']:.4f}")
+            else:
+                cells.append(f"{r['ms']:.4f} (x{r['fused_speedup']:.2f})")
+        f = by_impl.get("fused", {})
+        peak = f"{f['peak_mb']:.1f}" if f.get("peak_mb") is not None else ""
+        pct = f"{f['pct_of_floor']:.0f}" if "pct_of_floor" in f else ""
+        lines.append(f"| {shape} | {B} | {dtype} | {mode} | " + " | ".join(cells) + f" | {peak} | {pct} |")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["", "Failures:", ""] + [f"- {r['impl']} {r['shape']} B={r['B']} {r['dtype']} {r['mode']}: "
+                                          f"{r['error']}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="benchmarks/results", help="where group_attention.{json,md} go")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--batch", nargs="+", type=int, default=[32, 128])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measurement time (ms)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the 'compiled' baseline (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="no GPU: run B=1 on CPU with wall-clock timing to check the pipeline")
+    args = p.parse_args(argv)
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.cpu_smoke:
+        device = torch.device("cpu")
+        args.batch = [1]
+        from gtpt_kernels.backend import interpreter_enabled
+        # flex/compiled need Inductor's CPU toolchain: out of scope for a smoke run; fused needs the interpreter.
+        args.impls = [i for i in args.impls if i in ("eager", "sdpa") or (i == "fused" and interpreter_enabled())]
+    else:
+        print("run_group_attention.py needs a CUDA GPU (use --cpu-smoke to check the pipeline on CPU)",
+              file=sys.stderr)
+        return 2
+
+    env = environment(device)
+    print("MHGA benchmark:", json.dumps(env))
+    rows = run_all([SHAPES[s] for s in args.shapes], args.batch, args.dtype, args.impls, args.modes, device,
+                   args.warmup, args.rep, args.compile_mode)
+    md = to_markdown(rows, env)
+    print()
+    print(md)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "group_attention.json"), "w") as f:
+        json.dump(dict(environment=env, args=vars(args), results=rows), f, indent=1)
+    with open(os.path.join(args.out_dir, "group_attention.md"), "w") as f:
+        f.write(md)
+    print(f"wrote {args.out_dir}/group_attention.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
