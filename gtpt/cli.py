@@ -1,38 +1,299 @@
-"""The ``gtpt`` command line."""
+"""The ``gtpt`` command line: ``summary``, ``flops``, ``profile``, ``env``.
+
+``gtpt profile`` is the one-command report: parameters and FLOPs next to the paper's numbers, the FLOP saving of
+the pruned path, and latency by backend (pruned and unpruned path in the same run), written to ``reports/`` as
+JSON, markdown and a PNG chart. Its defaults finish in a few minutes on a 2-core CPU; GPU sweeps are flags.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+import time
+from typing import Dict, List, Optional, Sequence
 
-from .config import list_variants
+from .config import get_config, list_variants
 
+# Published numbers, shown next to what this package measures (never used as results):
+# the paper's table (GFLOPs = thop MACs, params in millions; the WholeBody rows give no params) and the exact
+# MACs thop reports on the official code (shared/reference/gtpt-reference.md, section 1).
+PAPER_TABLE: Dict[str, Dict[str, Optional[float]]] = {
+    "gtpt-t": {"gflops": 0.7, "mparams": 2.4}, "gtpt-s": {"gflops": 1.6, "mparams": 5.4},
+    "gtpt-b": {"gflops": 3.6, "mparams": 8.3}, "gtpt-t-wholebody": {"gflops": 0.8, "mparams": None},
+    "gtpt-s-wholebody": {"gflops": 2.0, "mparams": None}, "gtpt-b-wholebody": {"gflops": 4.0, "mparams": None},
+}
+OFFICIAL_THOP_MACS = {
+    "gtpt-t": 663_179_264, "gtpt-s": 1_625_954_304, "gtpt-b": 3_646_568_448,
+    "gtpt-t-wholebody": 831_771_648, "gtpt-s-wholebody": 1_994_497_536, "gtpt-b-wholebody": 4_015_111_680,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2), pointing at ``--help`` instead of dumping the usage."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _variants(names: Optional[Sequence[str]], default: Sequence[str]) -> List[str]:
+    """Resolve variant arguments (``all`` = every variant); unknown names raise ValueError with the valid ones."""
+    if not names:
+        return list(default)
+    if any(n.lower() == "all" for n in names):
+        return list(list_variants())
+    return [get_config(n).name for n in names]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summary
 
 def _cmd_summary(args) -> int:
     from .summary import summary
 
-    for i, name in enumerate(args.variants or list_variants()):
+    for i, name in enumerate(_variants(args.variants, list_variants())):
         if i:
             print()
         print(summary(name))
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# flops
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.3f}"
+
+
+def flops_rows(variants: Sequence[str], full: bool = True, batch_size: int = 1,
+               progress=None) -> List[Dict[str, object]]:
+    """Parameters and MACs of each variant: paper convention, full convention on both paths, per stage."""
+    from .flops import count_flops, count_parameters
+    from .model import build_model
+
+    rows = []
+    for v in variants:
+        t0 = time.perf_counter()
+        model = build_model(v, backend="reference")
+        paper = count_flops(model, "paper", batch_size=batch_size)
+        row = {"variant": v, "batch_size": batch_size,
+               "params_paper": count_parameters(model, "paper"),
+               "params_trainable": count_parameters(model, "trainable"),
+               "paper_macs": paper.total, "paper_per_stage": dict(paper.per_stage),
+               "published_gflops": PAPER_TABLE[v]["gflops"], "published_mparams": PAPER_TABLE[v]["mparams"],
+               "official_thop_macs": OFFICIAL_THOP_MACS[v] * batch_size}
+        if full:
+            pruned = count_flops(model, "full", batch_size=batch_size)
+            unpruned = count_flops(model, "full", batch_size=batch_size, path="unpruned")
+            row.update({"full_macs": pruned.total, "full_per_stage": dict(pruned.per_stage),
+                        "full_by_operator": dict(pruned.by_operator),
+                        "full_unpruned_macs": unpruned.total, "full_unpruned_per_stage": dict(unpruned.per_stage),
+                        "pruning_saving": 1.0 - pruned.total / unpruned.total})
+        rows.append(row)
+        if progress is not None:
+            print(f"counted {v} in {time.perf_counter() - t0:.1f} s", file=progress, flush=True)
+    return rows
+
+
+def flops_markdown(rows: Sequence[Dict[str, object]]) -> str:
+    full = all("full_macs" in r for r in rows)
+    head = ("| variant | params (paper conv.) | published params | paper-conv. GMACs | official thop GMACs | match "
+            "| published GFLOPs |")
+    sep = "|---|---:|---:|---:|---:|---|---:|"
+    if full:
+        head += " full GMACs pruned | full GMACs unpruned | pruning saves |"
+        sep += "---:|---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        mp = r["published_mparams"]
+        match = "exact" if r["paper_macs"] == r["official_thop_macs"] else \
+            f"{(r['paper_macs'] / r['official_thop_macs'] - 1) * 100:+.3f}%"
+        line = (f"| {r['variant']} | {r['params_paper'] / 1e6:.3f} M | {'%.1f M' % mp if mp else '-'} | "
+                f"{_g(r['paper_macs'])} | {_g(r['official_thop_macs'])} | {match} | {r['published_gflops']} |")
+        if full:
+            line += (f" {_g(r['full_macs'])} | {_g(r['full_unpruned_macs'])} | "
+                     f"{r['pruning_saving'] * 100:.1f}% |")
+        lines.append(line)
+    lines += ["", "Per stage (GMACs, paper convention" + (" / full convention, pruned path" if full else "") + "):",
+              ""]
+    stages = list(rows[0]["paper_per_stage"]) if rows else []
+    lines += ["| variant | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    for r in rows:
+        cells = []
+        for s in stages:
+            c = _g(r["paper_per_stage"][s])
+            if full:
+                c += f" / {_g(r['full_per_stage'].get(s, 0))}"
+            cells.append(c)
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_FLOPS_NOTE = ("GMACs = 1e9 multiply-accumulates (the paper's 'GFLOPs' are thop MACs). Paper convention: thop "
+               "rules (Conv/Linear without bias, 4*numel per BN/LN, attention matmuls not counted), pruned eval "
+               "path. Full convention: fvcore, every matmul incl. attention and pruning scores, plus norms. "
+               "Params (paper conv.): executed Conv/Linear/Norm modules, no token embeddings, no frozen PE.")
+
+
+def _cmd_flops(args) -> int:
+    import json
+
+    rows = flops_rows(_variants(args.variants, list_variants()), full=args.convention in ("full", "both"),
+                      batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.convention == "full":
+        for r in rows:  # keep the table, but the user asked for full: say so first
+            print(f"{r['variant']}: full-convention GMACs {_g(r['full_macs'])} (pruned), "
+                  f"{_g(r['full_unpruned_macs'])} (unpruned)")
+        print()
+    print(flops_markdown(rows))
+    print()
+    print(_FLOPS_NOTE)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# profile
+
+def _cmd_profile(args) -> int:
+    import os
+
+    from . import profiler
+
+    variants = _variants(args.variants, ("gtpt-t", "gtpt-s"))
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    progress = None if args.quiet else sys.stderr
+    t_start = time.perf_counter()
+    # Validate the sweep before spending minutes on FLOP counting.
+    for name, values, valid in (("backend", args.backends, profiler.BACKENDS),
+                                ("dtype", args.dtypes, profiler.DTYPES), ("mode", args.modes, profiler.MODES)):
+        for v in values:
+            if v not in valid:
+                raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available on this machine")
+
+    rows = [] if args.no_flops else flops_rows(variants, full=True, progress=progress)
+    md_parts = ["# GTPT profile", ""]
+    if rows:
+        md_parts += ["## Parameters and FLOPs (batch 1)", "", flops_markdown(rows), "", _FLOPS_NOTE]
+        print(flops_markdown(rows))
+        print()
+    results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes, dtypes=args.dtypes,
+                               modes=args.modes, paths=("pruned", "unpruned"), device=device, warmup=args.warmup,
+                               repeats=args.repeats, per_stage=not args.no_stages, progress=progress)
+    meta = profiler.environment_info(device)
+    meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
+                 "wall_s": round(time.perf_counter() - t_start, 1)})
+    paths = profiler.write_report(args.out_dir, results, rows, meta, markdown_prefix="\n".join(md_parts))
+    print(profiler.latency_markdown(results))
+    speedups = profiler.pruning_speedups(results)
+    if speedups:
+        print()
+        for s in speedups:
+            print(f"pruned path is {s['speedup']:.2f}x faster than unpruned: {s['variant']} {s['backend']} "
+                  f"B={s['batch_size']} {s['dtype']} ({s['pruned_ms']:.1f} vs {s['unpruned_ms']:.1f} ms)")
+    print()
+    print(f"report: {', '.join(os.path.relpath(p) for p in paths.values())}  "
+          f"[{time.perf_counter() - t_start:.0f} s]")
+    return 0
+
+
+def _cmd_env(args) -> int:
+    from .flops import registered_custom_ops
+    from .profiler import environment_info
+
+    info = environment_info()
+    info["gtpt_custom_ops"] = registered_custom_ops() or "none registered"
+    for k, v in info.items():
+        print(f"{k:>18}: {v}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gtpt", description="GTPT pose estimation on fused Triton kernels")
+    from .profiler import BACKENDS, DTYPES, MODES
+
+    names = ", ".join(list_variants())
+    p = _Parser(prog="gtpt", description="GTPT pose estimation on fused Triton kernels")
     sub = p.add_subparsers(dest="command", metavar="command")
+
     s = sub.add_parser("summary", help="parameters per stage and token schedule of GTPT variants")
-    s.add_argument("variants", nargs="*", help=f"variants (default: all): {', '.join(list_variants())}")
+    s.add_argument("variants", nargs="*", help=f"variants (default: all): {names}")
     s.set_defaults(func=_cmd_summary)
+
+    f = sub.add_parser("flops", help="parameters and FLOPs (MACs), paper and full conventions, per stage")
+    f.add_argument("variants", nargs="*", help=f"variants (default: all): {names}")
+    f.add_argument("--convention", choices=("paper", "full", "both"), default="both",
+                   help="paper: thop rules as the paper counted; full: fvcore incl. attention (default: both)")
+    f.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward (default 1)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    f.set_defaults(func=_cmd_flops)
+
+    pr = sub.add_parser("profile", help="params, FLOPs vs the paper, pruning saving and latency -> reports/",
+                        description="Parameters and FLOPs next to the paper's numbers, the FLOP saving of the "
+                                    "pruned path, and latency by backend for the pruned and the unpruned path. "
+                                    "Writes profile.json, profile.md and profile.png to --out-dir. Defaults fit "
+                                    "a 2-core CPU in a few minutes; for a GPU sweep use e.g. --device cuda "
+                                    "--batch-sizes 1 32 128 --dtypes fp32 bf16 --backends reference triton "
+                                    "compile cudagraph.")
+    pr.add_argument("--variants", nargs="+", metavar="VARIANT",
+                    help=f"variants or 'all' (default: gtpt-t gtpt-s): {names}")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    pr.add_argument("--batch-sizes", nargs="+", type=_positive_int, default=[1, 8], metavar="B",
+                    help="default: 1 8")
+    pr.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp32"], help="default: fp32")
+    pr.add_argument("--backends", nargs="+", choices=BACKENDS, default=["reference"],
+                    help="default: reference (triton / cudagraph need CUDA)")
+    pr.add_argument("--modes", nargs="+", choices=MODES, default=["inference"],
+                    help="inference and/or train (one forward+backward of both passes); default: inference")
+    pr.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed iterations per config (default 2)")
+    pr.add_argument("--repeats", type=_positive_int, default=5, help="timed iterations per config (default 5)")
+    pr.add_argument("--no-stages", action="store_true", help="skip the per-stage timing pass")
+    pr.add_argument("--no-flops", action="store_true", help="skip parameter and FLOP counting")
+    pr.add_argument("--out-dir", default="reports", help="report directory (default: reports/)")
+    pr.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    pr.set_defaults(func=_cmd_profile)
+
+    e = sub.add_parser("env", help="versions, hardware and registered gtpt_kernels custom ops")
+    e.set_defaults(func=_cmd_env)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.argv = argv
     try:
         return args.func(args)
     except ValueError as e:  # bad variant names and the like: one clear line, no traceback

@@ -264,9 +264,10 @@ _METHOD_SCOPES = (("features", "embed"), ("features.transformer", "coarse"),
 
 
 @contextlib.contextmanager
-def _method_scopes(model: nn.Module) -> Iterator[Dict[str, str]]:
+def stage_scopes(model: nn.Module) -> Iterator[Dict[str, str]]:
     """Temporarily route ``features.embed`` and the transformer's ``coarse`` / ``fine_entry`` / ``fine`` through
-    :class:`_Scope` submodules (restored on exit). Returns {method: submodule path relative to ``model``}."""
+    :class:`_Scope` submodules (restored on exit), so per-module tools (fvcore scopes, forward hooks) see these
+    methods as modules. Yields {method: submodule path relative to ``model``}. The model code stays untouched."""
     installed = []
     names = {}
     try:
@@ -300,7 +301,7 @@ def fvcore_analysis(runner: nn.Module, images: Tensor):
 
 def _full_count(model, name: str, path: str, batch_size: int) -> FlopCount:
     runner = _Path(model, _keep_rates(model, path))
-    with _eval_mode(model), torch.no_grad(), _method_scopes(model) as scopes:
+    with _eval_mode(model), torch.no_grad(), stage_scopes(model) as scopes:
         fa = fvcore_analysis(runner, _example_images(model, batch_size))
         by_mod = fa.by_module()
         total = int(fa.total())
@@ -379,6 +380,8 @@ def flop_counter_mode_flops(model_or_name: Union[str, nn.Module], batch_size: in
     model, _ = _as_model(model_or_name, backend)
     runner = _Path(model, _keep_rates(model, path))
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
+    # Grad mode stays on: FlopCounterMode's module tracker registers autograd hooks on module inputs, which fails
+    # for no_grad views of parameters (the token embeddings). Batch 1 makes the kept graph cheap.
+    with _eval_mode(model), counter:
         runner(_example_images(model, _check_batch(batch_size)))
     return {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}

@@ -1,0 +1,471 @@
+"""Latency and memory profiler for GTPT: end to end and per stage, across backends, batch sizes, dtypes and modes.
+
+Backends:
+
+* ``reference`` - eager PyTorch, attention and pruning on the pure-PyTorch reference ops;
+* ``triton`` - eager, attention and pruning on the fused Triton kernels (CUDA only: on CPU they would run in the
+  Triton interpreter, whose timings mean nothing);
+* ``compile`` - ``torch.compile`` of the reference model;
+* ``cudagraph`` / ``cudagraph-reference`` - replay of a ``torch.cuda.CUDAGraph`` captured from the triton /
+  reference model (CUDA only, inference only).
+
+Timing: on CUDA, one pair of CUDA events per iteration after warm-up; on CPU, ``time.perf_counter``. Results
+are the median and the 20th / 80th percentiles. Per-stage times come from separate iterations with markers at
+the stage boundaries (forward hooks), so the markers never perturb the end-to-end numbers; they are taken for the
+eager backends in inference. Stages: stem, patch embedding, coarse encoder (with its pruning), fine entry
+(``channel_mask``: channel mask, grouping, entry pruning), fine encoder (with its pruning), heads.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the timed iterations (absolute, weights included).
+On CPU there is no allocator high-water mark to read, so the peak is reported as unavailable (``None``) rather
+than guessed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import get_config
+from .flops import FLOP_STAGES, _Path, stage_scopes
+
+BACKENDS = ("reference", "triton", "compile", "cudagraph", "cudagraph-reference")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("inference", "train")
+PATHS = ("pruned", "unpruned")
+
+
+@dataclass
+class LatencyResult:
+    """One measured configuration. ``status`` is ``"ok"``, ``"skipped"`` (with the reason in ``note``) or
+    ``"error"``. Times in milliseconds per forward (inference) or per forward+backward (train)."""
+    variant: str
+    backend: str
+    batch_size: int
+    dtype: str
+    mode: str
+    path: str
+    device: str
+    status: str = "ok"
+    note: str = ""
+    repeats: int = 0
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    images_per_s: Optional[float] = None
+    per_stage_ms: Optional[Dict[str, float]] = None
+    peak_memory_mb: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} {self.backend} {self.mode} {self.path} B={self.batch_size} {self.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment
+
+def environment_info(device: Optional[str] = None) -> Dict[str, object]:
+    """Versions and hardware, recorded with every report and benchmark."""
+    try:
+        import triton  # noqa: F401 - version only
+    except Exception:  # pragma: no cover - no triton on this platform
+        pass
+    info: Dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    try:
+        import fvcore  # noqa: F401
+        info["fvcore"] = getattr(fvcore, "__version__", "installed")
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        dev = torch.device(device) if device and device.startswith("cuda") else torch.device("cuda")
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    try:
+        import gtpt_kernels
+        info["gtpt_kernels"] = gtpt_kernels.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timers
+
+class _Timer:
+    """Wall time on CPU; CUDA events on GPU (no synchronisation inside the timed region)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed_ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@contextlib.contextmanager
+def _stage_markers(model: nn.Module, runner: nn.Module, timer: _Timer) -> Iterable[List]:
+    """Record a timer mark at every stage boundary of ``runner``'s forward. Yields the list the marks go to,
+    as (boundary name, mark)."""
+    marks: List = []
+    handles = []
+
+    def at(name):
+        def hook(*_):
+            marks.append((name, timer.mark()))
+        return hook
+
+    with stage_scopes(model) as scopes:
+        try:
+            pairs = [(runner, "start", "end"), (model.features.stem, None, "stem"),
+                     (model.get_submodule(scopes["coarse"]), "coarse_start", "coarse"),
+                     (model.get_submodule(scopes["fine_entry"]), None, "fine_entry"),
+                     (model.get_submodule(scopes["fine"]), None, "fine")]
+            for mod, pre, post in pairs:
+                if pre:
+                    handles.append(mod.register_forward_pre_hook(at(pre)))
+                handles.append(mod.register_forward_hook(at(post)))
+            yield marks
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _stages_from_marks(marks, timer: _Timer) -> Dict[str, float]:
+    t = dict(marks)
+    seq = [("stem", "start", "stem"), ("patch_embedding", "stem", "coarse_start"),
+           ("coarse_encoder", "coarse_start", "coarse"), ("channel_mask", "coarse", "fine_entry"),
+           ("fine_encoder", "fine_entry", "fine"), ("heads", "fine", "end")]
+    return {stage: timer.elapsed_ms(t[a], t[b]) for stage, a, b in seq}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one configuration
+
+def _simcc_objective(out) -> Tensor:
+    """A loss shaped like GTPT's: KL of each pass's SimCC distributions to a fixed soft target, plus the
+    distillation KL of the pruned pass to the (detached) unpruned pass."""
+    def kl(logits: Tensor, target_logits: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(logits.float(), -1), F.softmax(target_logits.float(), -1),
+                        reduction="batchmean")
+
+    tx = torch.zeros_like(out.pred_x)
+    ty = torch.zeros_like(out.pred_y)
+    loss = kl(out.pred_x, tx) + kl(out.pred_y, ty) + kl(out.entire_pred_x, tx) + kl(out.entire_pred_y, ty)
+    return loss + kl(out.pred_x, out.entire_pred_x.detach()) + kl(out.pred_y, out.entire_pred_y.detach())
+
+
+def _skip_reason(backend: str, mode: str, path: str, device: torch.device) -> Optional[str]:
+    if backend == "triton" and device.type != "cuda":
+        return "triton kernels need CUDA (on CPU they run in the Triton interpreter, too slow to time)"
+    if backend.startswith("cudagraph"):
+        if device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        if mode != "inference":
+            return "CUDA-graph replay is profiled for inference only"
+    return None
+
+
+def profile_config(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
+                   mode: str = "inference", path: str = "pruned", device: str = "cpu", warmup: int = 3,
+                   repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None) -> LatencyResult:
+    """Measure one configuration (see the module docstring). ``model`` may be passed to reuse a built model
+    (it is moved / cast in place)."""
+    from .model import build_model
+
+    cfg = get_config(variant)
+    dev = torch.device(device)
+    if mode == "train":
+        path = "both"  # the training step runs the pruned and the unpruned pass
+    elif path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
+    res = LatencyResult(cfg.name, backend, batch_size, dtype, mode, path, str(dev))
+    reason = _skip_reason(backend, mode, path, dev)
+    if reason:
+        res.status, res.note = "skipped", reason
+        return res
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    torch.manual_seed(0)
+    kernels = "triton" if backend in ("triton", "cudagraph") else "reference"
+    if model is None:
+        model = build_model(cfg.name, backend=kernels)
+    model.set_backend(kernels)
+    model = model.to(device=dev, dtype=DTYPES[dtype])
+    model.train(mode == "train")
+    images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
+    timer = _Timer(dev)
+    rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
+    runner = _Path(model, rates)
+
+    if mode == "inference":
+        fn = runner
+        if backend == "compile":
+            fn = torch.compile(runner)
+        elif backend.startswith("cudagraph"):
+            fn = _cuda_graph(runner, images)
+
+        def step():
+            with torch.no_grad():
+                return fn(images)
+    else:
+        target = torch.compile(model) if backend == "compile" else model
+
+        def step():
+            loss = _simcc_objective(target(images))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss
+
+    for _ in range(warmup):
+        step()
+    timer.sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(repeats):
+        a = timer.mark()
+        step()
+        b = timer.mark()
+        if dev.type == "cuda":
+            b.synchronize()
+        times.append(timer.elapsed_ms(a, b))
+    timer.sync()
+    if dev.type == "cuda":
+        res.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    res.repeats = repeats
+    res.median_ms = statistics.median(times)
+    res.p20_ms, res.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
+    res.images_per_s = batch_size / (res.median_ms / 1e3)
+
+    if per_stage and mode == "inference" and backend in ("reference", "triton"):
+        samples: Dict[str, List[float]] = {s: [] for s in FLOP_STAGES}
+        with _stage_markers(model, runner, timer) as marks, torch.no_grad():
+            for _ in range(repeats):
+                marks.clear()
+                runner(images)
+                timer.sync()
+                for s, v in _stages_from_marks(marks, timer).items():
+                    samples[s].append(v)
+        res.per_stage_ms = {s: statistics.median(v) for s, v in samples.items()}
+    if dev.type == "cpu":
+        res.note = "peak memory n/a on CPU (no allocator high-water mark)"
+    return res
+
+
+def _cuda_graph(runner: nn.Module, images: Tensor) -> Callable[[Tensor], object]:
+    """Capture ``runner(images)`` into a CUDA graph (after a warm-up on a side stream) and return a replayer
+    that copies new inputs into the captured buffer."""
+    static_in = images.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            runner(static_in)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = runner(static_in)
+
+    def replay(x: Tensor):
+        if x.data_ptr() != static_in.data_ptr():
+            static_in.copy_(x)
+        graph.replay()
+        return static_out
+    return replay
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sweeps
+
+def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[str] = ("reference",),
+            batch_sizes: Sequence[int] = (1, 8), dtypes: Sequence[str] = ("fp32",),
+            modes: Sequence[str] = ("inference",), paths: Sequence[str] = ("pruned", "unpruned"),
+            device: str = "cpu", warmup: int = 3, repeats: int = 10, per_stage: bool = True,
+            progress: Optional[TextIO] = sys.stderr) -> List[LatencyResult]:
+    """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
+    configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep."""
+    for name, values, valid in (("backend", backends, BACKENDS), ("dtype", dtypes, DTYPES),
+                                ("mode", modes, MODES), ("path", paths, PATHS)):
+        for v in values:
+            if v not in valid:
+                raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
+    for b in batch_sizes:
+        if int(b) < 1:
+            raise ValueError(f"batch sizes must be positive, got {b}")
+    names = [get_config(v).name for v in variants]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    # A training step always runs both passes (student and teacher), so it has a single path, "both".
+    combos = [(v, be, b, dt, m, p) for v in names for m in modes for be in backends for dt in dtypes
+              for b in batch_sizes for p in (paths if m == "inference" else ("both",))]
+    results = []
+    for i, (v, be, b, dt, m, p) in enumerate(combos, 1):
+        t0 = time.perf_counter()
+        try:
+            r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage)
+        except Exception as e:  # keep the sweep going; the report says what failed
+            r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="error",
+                              note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        results.append(r)
+        if progress is not None:
+            what = (f"{r.median_ms:9.2f} ms (p20 {r.p20_ms:.2f}, p80 {r.p80_ms:.2f})" if r.status == "ok"
+                    else f"{r.status}: {r.note}")
+            print(f"[{i}/{len(combos)}] {r.label}: {what}  [{time.perf_counter() - t0:.1f} s]", file=progress,
+                  flush=True)
+    return results
+
+
+def pruning_speedups(results: Sequence[LatencyResult]) -> List[Dict[str, object]]:
+    """Unpruned / pruned latency ratio for every configuration measured on both paths."""
+    by_key = {}
+    for r in results:
+        if r.status == "ok" and r.mode == "inference":
+            by_key[(r.variant, r.backend, r.batch_size, r.dtype, r.device, r.path)] = r
+    out = []
+    for (v, be, b, dt, dev, p), r in by_key.items():
+        if p != "pruned":
+            continue
+        u = by_key.get((v, be, b, dt, dev, "unpruned"))
+        if u is not None:
+            out.append({"variant": v, "backend": be, "batch_size": b, "dtype": dt, "device": dev,
+                        "pruned_ms": r.median_ms, "unpruned_ms": u.median_ms,
+                        "speedup": u.median_ms / r.median_ms})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports
+
+def _fmt_ms(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def latency_markdown(results: Sequence[LatencyResult]) -> str:
+    lines = ["| variant | backend | mode | path | batch | dtype | median ms | p20 | p80 | img/s | peak MiB | note |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        ips = "n/a" if r.images_per_s is None else f"{r.images_per_s:.1f}"
+        mem = "n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}"
+        note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
+        lines.append(f"| {r.variant} | {r.backend} | {r.mode} | {r.path} | {r.batch_size} | {r.dtype} | "
+                     f"{_fmt_ms(r.median_ms)} | {_fmt_ms(r.p20_ms)} | {_fmt_ms(r.p80_ms)} | {ips} | {mem} | "
+                     f"{note} |")
+    staged = [r for r in results if r.per_stage_ms]
+    if staged:
+        lines += ["", "Per-stage median (ms; channel_mask = fine entry: channel mask, grouping, entry pruning):", "",
+                  "| config | " + " | ".join(FLOP_STAGES) + " |", "|---|" + "---:|" * len(FLOP_STAGES)]
+        for r in staged:
+            lines.append(f"| {r.label} | " + " | ".join(f"{r.per_stage_ms[s]:.2f}" for s in FLOP_STAGES) + " |")
+    sp = pruning_speedups(results)
+    if sp:
+        lines += ["", "Pruned vs unpruned path (inference, same run):", "",
+                  "| variant | backend | batch | dtype | pruned ms | unpruned ms | speedup |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        for s in sp:
+            lines.append(f"| {s['variant']} | {s['backend']} | {s['batch_size']} | {s['dtype']} | "
+                         f"{s['pruned_ms']:.2f} | {s['unpruned_ms']:.2f} | {s['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_latency(results: Sequence[LatencyResult], path: str) -> Optional[str]:
+    """Bar chart of median latency (p20-p80 whiskers) and, where measured, per-stage stacks. Returns the path,
+    or None when nothing was measured."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.status == "ok"]
+    if not ok:
+        return None
+    staged = [r for r in ok if r.per_stage_ms]
+    ncols = 2 if staged else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3.0, 0.38 * len(ok) + 1.5)), squeeze=False)
+    ax = axes[0, 0]
+    labels = [r.label for r in ok]
+    med = [r.median_ms for r in ok]
+    err = [[r.median_ms - r.p20_ms for r in ok], [r.p80_ms - r.median_ms for r in ok]]
+    colors = [{"pruned": "tab:blue", "unpruned": "tab:orange"}.get(r.path, "tab:green") for r in ok]
+    ax.barh(range(len(ok)), med, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency, ms (log; whiskers p20-p80)")
+    ax.set_title("GTPT end to end (blue pruned, orange unpruned, green train step)")
+    if staged:
+        ax2 = axes[0, 1]
+        left = [0.0] * len(staged)
+        for s in FLOP_STAGES:
+            vals = [r.per_stage_ms[s] / sum(r.per_stage_ms.values()) * 100 for r in staged]
+            ax2.barh(range(len(staged)), vals, left=left, label=s)
+            left = [a + b for a, b in zip(left, vals)]
+        ax2.set_yticks(range(len(staged)), [r.label for r in staged], fontsize=7)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("share of forward time, %")
+        ax2.set_title("per stage (eager, inference)")
+        ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str, results: Sequence[LatencyResult], flops: Sequence[Dict[str, object]] = (),
+                 meta: Optional[Dict[str, object]] = None, markdown_prefix: str = "",
+                 stem: str = "profile") -> Dict[str, str]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{stem}.json"), "markdown": os.path.join(out_dir, f"{stem}.md")}
+    data = {"meta": meta if meta is not None else environment_info(), "flops": list(flops),
+            "latency": [asdict(r) for r in results], "pruning_speedup": pruning_speedups(results)}
+    tmp = paths["json"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, paths["json"])
+    md = (markdown_prefix + "\n\n" if markdown_prefix else "") + "## Latency\n\n" + latency_markdown(results) + "\n"
+    with open(paths["markdown"], "w") as f:
+        f.write(md)
+    png = plot_latency(results, os.path.join(out_dir, f"{stem}.png"))
+    if png:
+        paths["png"] = png
+    return paths
