@@ -113,17 +113,16 @@ if triton is not None:
             return tl.dot(a, b, input_precision=DOT_PREC)
 
     @triton.jit
-    def _key_rows(offs_j, g, G, N, S):
+    def _key_rows(offs_j, g, G, N, S, S_DIV):
         """Map virtual key indices of group ``g`` to (row offset helpers): returns (src_group, src_token, valid).
 
         ``j < G*S`` is shared token ``j % S`` of group ``j // S`` (group-major, as the reference concatenates);
         ``j >= G*S`` is the group's own token ``j - G*S + S``."""
         GS = G * S
-        s_div = tl.maximum(S, 1)  # S == 0: no shared keys; avoid a division by zero in the dead branch
         is_shared = offs_j < GS
-        sg = offs_j // s_div
+        sg = offs_j // S_DIV  # S_DIV = max(S, 1): with S == 0 no key is shared and this value is unused
         src_g = tl.where(is_shared, sg, g)
-        src_n = tl.where(is_shared, offs_j - sg * s_div, offs_j - GS + S)
+        src_n = tl.where(is_shared, offs_j - sg * S_DIV, offs_j - GS + S)
         valid = offs_j < GS + N - S
         return src_g, src_n, valid
 
@@ -132,7 +131,7 @@ if triton is not None:
         QKV, O, LSE,
         s_qb, s_qg, s_qn, s_qc,
         s_ob, s_og, s_on,
-        G, N, S, C,
+        G, N, S, S_DIV, C,
         qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -163,7 +162,7 @@ if triton is not None:
 
         for start in range(0, L, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
-            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S)
+            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
             if PAD_TOKEN:
                 k_valid = k_valid & (offs_j != 0)
             rows = src_g * s_qg + src_n * s_qn
@@ -201,7 +200,7 @@ if triton is not None:
         s_ob, s_og, s_on,
         s_db, s_dg, s_dn, s_dc,
         s_gb, s_gg, s_gn,
-        G, N, S, C,
+        G, N, S, S_DIV, C,
         qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -241,7 +240,7 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start in range(0, L, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
-            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S)
+            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
             if PAD_TOKEN:
                 k_valid = k_valid & (offs_j != 0)
             rows = src_g * s_qg + src_n * s_qn
@@ -403,7 +402,7 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
             qkv, out, lse,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
-            G, N, S, C,
+            G, N, S, max(S, 1), C,
             scale * _LOG2E,
             HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
             PAD_TOKEN=pad_token, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
@@ -436,7 +435,7 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg["fwd_m"])),
             qkv, out, grad_out, lse, delta, dqkv,
             *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
-            G, N, S, C, scale * _LOG2E, scale,
+            G, N, S, max(S, 1), C, scale * _LOG2E, scale,
             BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], **common)
     _launch(_mhga_bwd_dkdv_kernel, (B * G, heads, triton.cdiv(N, cfg["bwd_n"])),
             qkv, grad_out, lse, delta, dqkv,
