@@ -372,6 +372,12 @@ def test_errors(device):
     bad[1] = False
     with pytest.raises(ValueError, match="without any query row"):
         call(row_mask=bad)
+    # The check is cached per mask tensor; an in-place change must invalidate the cache.
+    good = torch.ones(3, 2, dtype=torch.bool)
+    call(row_mask=good)
+    good[2] = False
+    with pytest.raises(ValueError, match="without any query row"):
+        call(row_mask=good)
     with pytest.raises(TypeError):
         call(k=k.double())
     with pytest.raises(TypeError, match="gate"):
@@ -420,3 +426,26 @@ def test_torch_compile_fullgraph_gpu():
     (g,) = torch.autograd.grad(y.sum(), [tokens])
     (g_e,) = torch.autograd.grad(y_e.sum(), [tokens])
     assert_close(g, g_e, what="compiled grad")
+
+
+def test_compile_fullgraph_aot_eager(device):
+    """No graph break under torch.compile(fullgraph=True) (aot_eager: no C++/GPU toolchain needed), gradients
+    through the compiled graph equal eager."""
+    inp = make_site(1, 3, 2, 2, 16, 37, 8, k_groups=1, tok_groups=1, gate=True, device=device,
+                    row_mask=dummy_row_mask(3, 2, device), seed=17)
+    tokens = inp["tokens"].detach().clone().requires_grad_(True)
+    gate = inp["gate"].detach().clone().requires_grad_(True)
+
+    def f(q, k, tokens, pos, row_mask, gate):
+        out, out_pos, index = token_prune(q, k, tokens, pos, 11, SCALE, row_mask, gate, backend="triton")
+        return out * 2 + out_pos, index
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = (inp["q"], inp["k"], tokens, inp["pos"], inp["row_mask"], gate)
+    y, idx = compiled(*args)
+    y_e, idx_e = f(*args)
+    assert torch.equal(idx, idx_e) and torch.equal(y, y_e)
+    g = torch.autograd.grad(y.sum(), [tokens, gate])
+    g_e = torch.autograd.grad(y_e.sum(), [tokens, gate])
+    assert all(torch.equal(a, b) for a, b in zip(g, g_e))

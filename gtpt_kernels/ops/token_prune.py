@@ -15,12 +15,13 @@ deterministic).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..backend import resolve_backend
+from ..backend import interpreter_enabled, resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
 try:
@@ -171,27 +172,11 @@ def _group_stride(t: Tensor) -> int:
     return 0 if t.shape[1] == 1 else t.stride(1)
 
 
-def _skip_launch(t: Tensor) -> bool:
-    """True for fake / meta tensors under the Triton interpreter. ``wrap_triton`` hands back the bare
-    interpreted kernel there (no tracing wrapper), so the op's fake impl (the op function run on fake tensors)
-    would otherwise execute the kernel on tensors without data. With compiled Triton, ``wrap_triton`` turns
-    the launch into a traceable higher-order op and this never triggers."""
-    if t.device.type == "meta":
-        return True
-    try:
-        from torch._subclasses.fake_tensor import FakeTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, FakeTensor)
-
-
 def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
             tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
     """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
     ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
-    if _skip_launch(q):
-        return
     B, G, H, R, D = q.shape
     N = k.shape[3]
     select = index is not None
@@ -208,8 +193,8 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
     BLOCK_K = min(32, max(2, _next_pow2(K)))
     BLOCK_C = min(64, max(2, _next_pow2(C)))
-    wrap = getattr(torch.library, "wrap_triton", None) or (lambda f: f)
-    wrap(_prune_kernel)[(B * G,)](
+    kernel = _prune_kernel if _OPAQUE else torch.library.wrap_triton(_prune_kernel)
+    kernel[(B * G,)](
         q, k, mask_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
         scores, out if select else dummy,
         out_pos if pos is not None else dummy, index if select else dummy,
@@ -229,17 +214,18 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
 # ----------------------------------------------------------------------------------------------------------
 # torch.library ops (Triton backend)
 # ----------------------------------------------------------------------------------------------------------
-# ``triton_op`` (torch >= 2.6) lets torch.compile / export trace into the launches and uses the function
-# itself (run on fake tensors) as the fake impl; on older torch an opaque ``custom_op`` with an explicit fake
-# impl keeps fullgraph compilation working.
-
-_triton_op = getattr(torch.library, "triton_op", None)
+# Compiled Triton on torch >= 2.6: ``triton_op``, whose body (``wrap_triton`` launches) doubles as the fake
+# impl and which torch.compile decomposes so Inductor sees the kernel. Under the interpreter (and on torch
+# without ``triton_op``) the op is an opaque ``custom_op`` with an explicit fake impl instead: ``wrap_triton``
+# cannot wrap an interpreted kernel on older torch, and on newer torch it hands the bare interpreted kernel
+# back, which would run on fake tensors in the fake impl and vanish from a decomposed compiled graph.
+_OPAQUE = triton is None or interpreter_enabled() or not hasattr(torch.library, "triton_op")
 
 
 def _register(name: str, fake):
     def deco(fn):
-        if _triton_op is not None:
-            return _triton_op(name, mutates_args=())(fn)
+        if not _OPAQUE:
+            return torch.library.triton_op(name, mutates_args=())(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.register_fake(fake)
         return op
@@ -388,8 +374,28 @@ def _check_scores_inputs(q: Tensor, k: Tensor, row_mask: Optional[Tensor]) -> No
         if row_mask.shape != (G, R) or row_mask.dtype != torch.bool:
             raise ValueError(f"row_mask must be a bool tensor of shape ({G}, {R}), got {row_mask.dtype} "
                              f"{tuple(row_mask.shape)}")
-        if not bool(row_mask.any(dim=1).all()):
-            raise ValueError("row_mask leaves a group without any query row")
+        _check_mask_rows(row_mask)
+
+
+# Masks that passed the "every group keeps a row" check, by id -> (weakref, version counter). The check reads
+# the mask's values, which for a CUDA mask is a device sync; GTPT passes the same constant mask every call, so
+# it is checked once (again after any in-place change, which bumps ``_version``).
+_MASKS_OK: dict = {}
+
+
+def _check_mask_rows(row_mask: Tensor) -> None:
+    # Value checks cannot run while tracing (data-dependent) or during CUDA graph capture (sync); the kernel
+    # does not misbehave on such a mask, its scores for that group are NaN like the reference's.
+    if torch.compiler.is_compiling() or (row_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    hit = _MASKS_OK.get(id(row_mask))
+    if hit is not None and hit[0]() is row_mask and hit[1] == row_mask._version:
+        return
+    if not bool(row_mask.any(dim=1).all()):
+        raise ValueError("row_mask leaves a group without any query row")
+    if len(_MASKS_OK) >= 64:
+        _MASKS_OK.clear()
+    _MASKS_OK[id(row_mask)] = (weakref.ref(row_mask), row_mask._version)
 
 
 def _check_tokens(name: str, t: Tensor, B: int, G: int, N: int, device: torch.device) -> None:
