@@ -1,0 +1,60 @@
+"""pytest-benchmark cases for the fused pruning op at the three GTPT sites (B = 32 / 128, fp32 / bf16).
+
+Run on a GPU machine:  ``python -m pytest benchmarks/bench_token_prune.py --benchmark-group-by=param:case``.
+Each case times the fused kernel, the official eager sequence and ``torch.compile`` of it on the same inputs;
+the timed callables synchronize the GPU. Cases, inputs and callables come from ``run_token_prune.py`` so the
+pytest numbers and the standalone table measure the same code. Without a GPU the timed cases skip; the check
+that the eager baseline computes the same selection and rows as the reference runs everywhere (CPU, eager only).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_token_prune as rtp  # noqa: E402
+
+from gtpt_kernels.reference import token_prune_reference  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+CASES = [(site, B, dt) for site in rtp.SITES for B in (32, 128) for dt in ("fp32", "bf16")]
+
+
+@pytest.mark.parametrize("site", list(rtp.SITES))
+def test_eager_baseline_matches_reference(site):
+    """The timed baseline must be the same computation: same kept set, same rows (CPU, fp32, B=2)."""
+    inputs = rtp.make_inputs(rtp.SITES[site], 2, torch.float32, "cpu", seed=1)
+    args = (inputs["q"], inputs["k"], inputs["tokens"], inputs["pos"], inputs["keep"], inputs["scale"])
+    out, out_pos, index = rtp.official_eager(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])
+    r_out, r_pos, r_idx = token_prune_reference(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])
+    assert torch.equal(index.sort(-1).values, r_idx.sort(-1).values)
+    # Rows in the reference's order: reorder the baseline's (topk order) rows by index.
+    order = torch.argsort(index, dim=-1)
+    r_order = torch.argsort(r_idx, dim=-1)
+    take = lambda t, o: torch.gather(t, 2, o.unsqueeze(-1).expand_as(t))  # noqa: E731
+    assert torch.equal(take(out, order), take(r_out, r_order))
+    assert torch.equal(take(out_pos, order), take(r_pos, r_order))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}-{c[2]}")
+def test_token_prune_speed(benchmark, case, impl):
+    site, B, dt = case
+    inputs = rtp.make_inputs(rtp.SITES[site], B, rtp.DTYPES[dt], "cuda")
+    fn = rtp.make_callables(inputs, "default", which=(impl,))[impl]
+    timed = rtp.synchronized(fn, "cuda")
+    for _ in range(10):  # warm-up outside the timing (compilation, autotuning caches, allocator)
+        timed()
+    env = rtp.environment("cuda")
+    benchmark.extra_info.update({
+        "site": site, "B": B, "dtype": dt, "impl": impl, "device": env.get("gpu"),
+        "torch": env["torch"], "triton": env["triton"], "cuda": env.get("cuda"),
+        "q": list(inputs["q"].shape), "k": list(inputs["k"].shape), "tokens": list(inputs["tokens"].shape),
+        "keep": inputs["keep"], "launches": rtp.count_launches(fn, "cuda"),
+    })
+    benchmark.pedantic(timed, rounds=200, iterations=1, warmup_rounds=5)

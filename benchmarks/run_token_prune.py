@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""Side-by-side timing of the fused pruning kernel (score + top-k + gather + gate) at the three GTPT sites.
+
+Implementations (same inputs, same dtype; q / k are strided views of packed ``to_qkv`` outputs as in the model):
+
+* ``fused``    - :func:`gtpt_kernels.token_prune` with ``backend="triton"`` (one launch).
+* ``eager``    - the official code's sequence (``Transformer.softmax_pool`` + the prune blocks): logits einsum,
+  scale, masked dummy row (``-finfo.max``), softmax pooling over heads x rows, ``topk``, the index repeated to
+  ``(B, G, K, C)``, ``torch.gather`` of x and pos; at the fine entry the channel gate multiplies all N tokens and
+  their PE before the gather, as the official code does.
+* ``compiled`` - ``torch.compile`` of ``eager`` (mode from ``--compile-mode``).
+
+Prints a table of microseconds per call, the fused kernel's speed-up over each baseline and the number of GPU
+kernel launches per call (``torch.profiler``), and writes ``token_prune.json`` / ``token_prune.md`` under
+``--out-dir``. Needs a CUDA GPU; ``--cpu-smoke`` runs one tiny case on CPU (fused only under
+``TRITON_INTERPRET=1``) to check the pipeline and output files. ``bench_token_prune.py`` (pytest-benchmark)
+imports the cases and callables from here, so both measure the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+if __name__ == "__main__" and "--cpu-smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+from gtpt_kernels import token_prune  # noqa: E402
+from gtpt_kernels.reference import split_qkv  # noqa: E402
+
+SCALE = 192 ** -0.5  # GTPT-S/B: dim ** -0.5
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    G: int
+    R: int           # query rows per group (incl. the padded dummy row at the fine sites)
+    N: int           # candidate visual tokens
+    keep: int
+    k_groups: int    # 1: the keys (and tokens / pos) are shared by the groups (broadcast)
+    dummy_row: bool  # row 0 of group 0 is GTPT's padded dummy row (excluded)
+    gate: bool       # channel gate (fine entry)
+    H: int = 8
+    D: int = 24
+    C: int = 192
+
+
+SITES = {
+    "coarse_L3": Site("coarse_L3", G=1, R=1, N=256, keep=179, k_groups=1, dummy_row=False, gate=False),
+    "fine_entry": Site("fine_entry", G=3, R=6, N=179, keep=76, k_groups=1, dummy_row=True, gate=True),
+    "fine_L3": Site("fine_L3", G=3, R=6, N=76, keep=25, k_groups=3, dummy_row=True, gate=False),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(site: Site, B: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """Model-like inputs: q / k strided views into packed ``(B, G, tokens, 3C)`` qkv buffers (q the site's
+    query rows, k its visual rows), tokens / pos ``(B, G or 1, N, C)``, gate ``(B, G, N, C)``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    H, D, C = site.H, site.D, site.C
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    qkv_q = rnd(B, site.G, site.R, 3 * H * D)
+    qkv_k = rnd(B, site.k_groups, site.N, 3 * H * D)
+    q = split_qkv(qkv_q, H)[0]
+    k = split_qkv(qkv_k, H)[1]
+    tokens = rnd(B, site.k_groups, site.N, C)
+    pos = rnd(B, site.k_groups, site.N, C)
+    gate = torch.rand(B, site.G, site.N, C, generator=gen).to(device=device, dtype=dtype) if site.gate else None
+    row_mask = None
+    if site.dummy_row:
+        row_mask = torch.ones(site.G, site.R, dtype=torch.bool, device=device)
+        row_mask[0, 0] = False
+    return dict(q=q, k=k, tokens=tokens, pos=pos, gate=gate, row_mask=row_mask, keep=site.keep, scale=SCALE)
+
+
+def official_eager(q, k, tokens, pos, keep, scale, row_mask=None, gate=None):
+    """The official GTPT sequence for one pruning site (what the fused kernel replaces)."""
+    B, G, H, R, D = q.shape
+    N, C = k.shape[3], tokens.shape[3]
+    dots = torch.einsum("bghrd,bghnd->bghrn", q, k.expand(B, G, H, N, D)) * scale
+    if row_mask is not None:  # the official dummy row is filled with -finfo.max (weight 0 after softmax)
+        dots = dots.masked_fill(~row_mask.view(1, G, 1, R, 1), -torch.finfo(dots.dtype).max)
+    a = dots.reshape(B, G, H * R, N)
+    score = (a.softmax(dim=2) * a).sum(dim=2)
+    index = score.topk(keep, dim=-1).indices
+    if gate is not None:  # official order: the channel mask gates all N tokens and their PE, then the gather
+        tokens = tokens * gate
+        pos = pos * gate
+    idx = index.unsqueeze(-1).repeat(1, 1, 1, C)
+    out = torch.gather(tokens.expand(B, G, N, C), 2, idx)
+    out_pos = torch.gather(pos.expand(B, G, N, C), 2, idx)
+    return out, out_pos, index
+
+
+def fused(q, k, tokens, pos, keep, scale, row_mask=None, gate=None):
+    return token_prune(q, k, tokens, pos, keep, scale, row_mask=row_mask, gate=gate, backend="triton")
+
+
+def make_callables(inputs: dict, compile_mode: Optional[str] = "default",
+                   which=("fused", "eager", "compiled")) -> Dict[str, Callable[[], object]]:
+    args = (inputs["q"], inputs["k"], inputs["tokens"], inputs["pos"], inputs["keep"], inputs["scale"])
+    kw = dict(row_mask=inputs["row_mask"], gate=inputs["gate"])
+    fns: Dict[str, Callable[[], object]] = {}
+    if "fused" in which:
+        fns["fused"] = lambda: fused(*args, **kw)
+    if "eager" in which:
+        fns["eager"] = lambda: official_eager(*args, **kw)
+    if "compiled" in which and compile_mode is not None:
+        mode = None if compile_mode == "default" else compile_mode
+        comp = torch.compile(official_eager, mode=mode, dynamic=False)
+        fns["compiled"] = lambda: comp(*args, **kw)
+    return fns
+
+
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """The timed callable: waits for the GPU so wall-clock timers measure the work, not the enqueue."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def time_us(fn: Callable[[], object], device: str, warmup: int = 10, rep: int = 100) -> Dict[str, float]:
+    """Median / p20 / p80 microseconds per call. On CUDA: CUDA events around each call after warm-up (L2 is not
+    flushed: the pruning site reads tensors the preceding layer just wrote, so warm L2 is the realistic case)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(rep):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    else:
+        for _ in range(rep):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    times.sort()
+    return {"median_us": statistics.median(times), "p20_us": times[int(0.2 * (len(times) - 1))],
+            "p80_us": times[int(0.8 * (len(times) - 1))]}
+
+
+def count_launches(fn: Callable[[], object], device: str) -> Optional[int]:
+    """GPU kernels launched by one call (torch.profiler); None when not on CUDA or the profiler fails."""
+    if device != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    except Exception:  # pragma: no cover - profiler unavailable (e.g. CUPTI missing)
+        return None
+
+
+def environment(device: str) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    info["interpreter"] = os.environ.get("TRITON_INTERPRET", "0")
+    return info
+
+
+def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, compile_mode: Optional[str],
+        warmup: int, rep: int) -> List[dict]:
+    rows = []
+    for name in sites:
+        site = SITES[name]
+        for B in batches:
+            for dt in dtypes:
+                inputs = make_inputs(site, B, DTYPES[dt], device)
+                fns = make_callables(inputs, compile_mode)
+                # Same selection as the official topk (the kernel breaks ties by index; random inputs have none).
+                f_idx = fns["fused"]()[2].sort(-1).values
+                e_idx = fns["eager"]()[2].sort(-1).values
+                agree = float((f_idx == e_idx).float().mean())
+                row = {"site": name, "B": B, "dtype": dt, "index_agreement": agree,
+                       "shapes": {"q": list(inputs["q"].shape), "k": list(inputs["k"].shape),
+                                  "tokens": list(inputs["tokens"].shape), "keep": site.keep}}
+                for impl, fn in fns.items():
+                    row[impl] = time_us(synchronized(fn, device), device, warmup, rep) if device == "cuda" \
+                        else time_us(fn, device, 1, 3)
+                    row[impl]["launches"] = count_launches(fn, device)
+                for base in ("eager", "compiled"):
+                    if base in row:
+                        row[f"speedup_vs_{base}"] = row[base]["median_us"] / row["fused"]["median_us"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| site | B | dtype | fused us | eager us | compiled us | x eager | x compiled | launches f/e/c | "
+          "index agree |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _fmt(row: dict, impl: str, key: str, spec: str = ".1f") -> str:
+    v = row.get(impl, {}).get(key) if impl in row else None
+    return "-" if v is None else format(v, spec)
+
+
+def format_row(row: dict) -> str:
+    sv = lambda k: "-" if k not in row else f"{row[k]:.2f}"  # noqa: E731
+    launches = "/".join(_fmt(row, i, "launches", "d") for i in ("fused", "eager", "compiled"))
+    return (f"| {row['site']} | {row['B']} | {row['dtype']} | {_fmt(row, 'fused', 'median_us')} | "
+            f"{_fmt(row, 'eager', 'median_us')} | {_fmt(row, 'compiled', 'median_us')} | "
+            f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {launches} | {row['index_agreement']:.3f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", nargs="+", default=list(SITES), choices=list(SITES))
+    ap.add_argument("--batch", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode for the 'compiled' baseline (default, max-autotune-no-cudagraphs, "
+                         "reduce-overhead, ...) or 'none' to skip it")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--rep", type=int, default=200)
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run to check the pipeline (no timings)")
+    args = ap.parse_args(argv)
+
+    compile_mode = None if args.compile_mode == "none" else args.compile_mode
+    if args.cpu_smoke:
+        device, batches, dtypes, compile_mode = "cpu", [1], ["fp32"], None
+        sites = ["fine_L3"]
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to time (use --cpu-smoke to check the pipeline)", file=sys.stderr)
+        return 2
+    else:
+        device, batches, dtypes, sites = "cuda", args.batch, args.dtype, args.sites
+
+    print(HEADER)
+    rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep)
+    os.makedirs(args.out_dir, exist_ok=True)
+    result = {"env": environment(device), "compile_mode": compile_mode, "warmup": args.warmup, "rep": args.rep,
+              "rows": rows}
+    with open(os.path.join(args.out_dir, "token_prune.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out_dir, "token_prune.md"), "w") as f:
+        f.write(f"# token_prune timings\n\n`{json.dumps(result['env'])}`, compile mode `{compile_mode}`\n\n")
+        f.write(HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n")
+    print(f"wrote {args.out_dir}/token_prune.json and token_prune.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
