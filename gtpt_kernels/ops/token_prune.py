@@ -41,14 +41,14 @@ if triton is not None:
     def _prune_kernel(
         q_ptr, k_ptr, mask_ptr, tok_ptr, pos_ptr, gate_ptr,
         scores_ptr, out_ptr, out_pos_ptr, idx_ptr,
-        G, H, R, N, D, C, K, scale,
+        G, H, N, D, C, K, scale,
         sq_b, sq_g, sq_h, sq_r, sq_d,
         sk_b, sk_g, sk_h, sk_n, sk_d,
         sm_g, sm_r,
         st_b, st_g, st_n, st_c,
         sp_b, sp_g, sp_n, sp_c,
         sgt_b, sgt_g, sgt_n, sgt_c,
-        HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
+        R: tl.constexpr, HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -75,7 +75,9 @@ if triton is not None:
             # numerics and the interpreter's broken bf16 tl.dot out of the picture).
             kt = tl.load(k_base + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
                          mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            for r in range(R):
+            # R (query rows, <= 8 at GTPT's sites) is a constexpr so this loop unrolls and the compiler can
+            # issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
+            for r in tl.static_range(R):
                 qr = tl.load(q_base + h * sq_h + r * sq_r + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
                 # Same operation order as the reference: (q . k) then * scale.
                 a = tl.sum(kt * qr[None, :], axis=1) * scale
@@ -198,11 +200,11 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
         q, k, mask_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
         scores, out if select else dummy,
         out_pos if pos is not None else dummy, index if select else dummy,
-        G, H, R, N, D, C, K, float(scale),
+        G, H, N, D, C, K, float(scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
         sm[0], sm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
-        HAS_MASK=row_mask is not None, SELECT=select,
+        R=R, HAS_MASK=row_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
