@@ -367,11 +367,11 @@ def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
-    """Launch ``kernel`` through ``wrap_triton`` when compiled, so that ``torch.compile``/``make_fx`` see the
-    kernel inside the ``triton_op``; directly under the interpreter (older torch cannot wrap an
-    ``InterpretedFunction``, and the interpreter registers the ops as opaque custom ops anyway)."""
+    """Launch ``kernel`` through ``wrap_triton`` inside the ``triton_op``, so that ``torch.compile``/``make_fx``
+    see the kernel; directly for the opaque registration (always used under the interpreter, whose
+    ``InterpretedFunction`` older torch versions cannot wrap)."""
     from triton.runtime.jit import JITFunction
-    if isinstance(kernel, JITFunction):
+    if isinstance(kernel, JITFunction) and not _OPAQUE_OP:
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
@@ -451,6 +451,10 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
 # ----------------------------------------------------------------------------------------------------------------
 
 _OP_AVAILABLE = triton is not None and hasattr(torch.library, "triton_op")
+# Opaque registration (plain custom_op + explicit fake impl, kernels launched directly): always under the
+# interpreter, and on request (GTPT_KERNELS_OPAQUE_OP=1) as an escape hatch should the triton_op decomposition
+# misbehave on some torch version. torch.compile then treats the op as a black box (still no graph break).
+_OPAQUE_OP = interpreter_enabled() or os.environ.get("GTPT_KERNELS_OPAQUE_OP", "0") not in ("", "0")
 
 
 def _register_op(name: str, fake):
@@ -461,7 +465,7 @@ def _register_op(name: str, fake):
     op under ``torch.compile`` into a graph that has lost the (unwrappable) interpreted launches, so the op is
     an opaque ``custom_op`` with an explicit fake impl instead."""
     def deco(fn):
-        if interpreter_enabled():
+        if _OPAQUE_OP:
             op = torch.library.custom_op(f"gtpt::{name}", mutates_args=())(fn)
             op.register_fake(fake)
         else:
