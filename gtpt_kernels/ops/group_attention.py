@@ -355,10 +355,13 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
     # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
-    if block_d >= 128:
-        fwd_m = min(fwd_m, 64)
-    return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=32, bwd_n=32 if N <= 96 else 64, block_d=block_d,
-                num_warps=4, num_stages=2)
+    bwd_n = 32 if N <= 96 else 64
+    # The dk/dv program keeps k, v, dk, dv tiles live; fp32 operands at wide heads double that footprint.
+    if dtype == torch.float32 and block_d >= 64:
+        bwd_n = 32
+    num_warps = 8 if block_d >= 128 else 4
+    return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=32, bwd_n=bwd_n, block_d=block_d, num_warps=num_warps,
+                num_stages=2)
 
 
 def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
