@@ -356,6 +356,39 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     return results
 
 
+def compare_paths(variant: str, batch_size: int = 1, repeats: int = 5, warmup: int = 1, device: str = "cpu",
+                  dtype: str = "fp32", model: Optional[nn.Module] = None) -> Dict[str, object]:
+    """Inference latency of the pruned and the unpruned path of one eager reference model, measured
+    *interleaved* (pruned, unpruned, pruned, ...) so that load from other processes hits both alike. Returns the
+    per-path times (ms) and the speedup of the pruned path from the minima (the least disturbed runs) and from
+    the medians."""
+    from .model import build_model
+
+    cfg = get_config(variant)
+    dev = torch.device(device)
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(cfg.name, backend="reference")
+    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
+    runners = {"pruned": _Path(model, cfg.layer_keep_rates()), "unpruned": _Path(model, (1.0,) * cfg.depth)}
+    timer = _Timer(dev)
+    times: Dict[str, List[float]] = {p: [] for p in runners}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for p, run in runners.items():
+                timer.sync()
+                a = timer.mark()
+                run(images)
+                b = timer.mark()
+                timer.sync()
+                if i >= warmup:
+                    times[p].append(timer.elapsed_ms(a, b))
+    return {"variant": cfg.name, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "times_ms": times,
+            "speedup_min": min(times["unpruned"]) / min(times["pruned"]),
+            "speedup_median": statistics.median(times["unpruned"]) / statistics.median(times["pruned"])}
+
+
 def pruning_speedups(results: Sequence[LatencyResult]) -> List[Dict[str, object]]:
     """Unpruned / pruned latency ratio for every configuration measured on both paths."""
     by_key = {}
@@ -452,17 +485,18 @@ def plot_latency(results: Sequence[LatencyResult], path: str) -> Optional[str]:
 
 def write_report(out_dir: str, results: Sequence[LatencyResult], flops: Sequence[Dict[str, object]] = (),
                  meta: Optional[Dict[str, object]] = None, markdown_prefix: str = "",
-                 stem: str = "profile") -> Dict[str, str]:
+                 stem: str = "profile", extra: Optional[Dict[str, object]] = None,
+                 markdown_suffix: str = "") -> Dict[str, str]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "markdown": os.path.join(out_dir, f"{stem}.md")}
     data = {"meta": meta if meta is not None else environment_info(), "flops": list(flops),
-            "latency": [asdict(r) for r in results], "pruning_speedup": pruning_speedups(results)}
+            "latency": [asdict(r) for r in results], "pruning_speedup": pruning_speedups(results), **(extra or {})}
     tmp = paths["json"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, paths["json"])
-    md = (markdown_prefix + "\n\n" if markdown_prefix else "") + "## Latency\n\n" + latency_markdown(results) + "\n"
+    md = (markdown_prefix + "\n\n" if markdown_prefix else "") + "## Latency\n\n" + latency_markdown(results) + markdown_suffix + "\n"
     with open(paths["markdown"], "w") as f:
         f.write(md)
     png = plot_latency(results, os.path.join(out_dir, f"{stem}.png"))
