@@ -81,6 +81,9 @@ FP32_CASES = [
     (1, 3, 6, 2, 16, 6, False, None, True),         # every token shared (S == N)
     (1, 1, 2, 1, 24, 1, True, 4.0, False),          # pad leaves one key: key tile 0 is all-masked for shared
     (1, 3, 82, 1, 24, 6, True, None, False),        # COCO-S fine layer, one head
+    (2, 3, 19, 1, 16, 0, False, None, False),       # G=3 without sharing: independent groups
+    (1, 3, 37, 2, 32, 1, True, None, False),        # one shared token per group, pad
+    (1, 1, 19, 1, 64, 6, True, None, True),         # G=1 with "shared" prefix = its own first tokens
 ]
 
 
