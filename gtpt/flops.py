@@ -21,6 +21,7 @@ pruning sites.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -286,16 +287,20 @@ def stage_scopes(model: nn.Module) -> Iterator[Dict[str, str]]:
             owner._modules.pop(attr, None)
 
 
-def fvcore_analysis(runner: nn.Module, images: Tensor):
-    """A configured ``FlopCountAnalysis`` of ``runner(images)`` with the gtpt_kernels handles registered."""
+def fvcore_analysis(module: nn.Module, inputs: Union[Tensor, Tuple[Tensor, ...]]):
+    """A configured ``FlopCountAnalysis`` of ``module(*inputs)`` with the gtpt_kernels handles registered."""
     from fvcore.nn import FlopCountAnalysis
 
-    fa = FlopCountAnalysis(runner, (images,))
+    fa = FlopCountAnalysis(module, inputs if isinstance(inputs, tuple) else (inputs,))
     fa.set_op_handle(**CUSTOM_OP_HANDLES)
     # "caller": an op counts toward every module on the call stack, which lets the method scopes collect the ops
     # their methods run, including those of child modules.
     fa.ancestor_mode("caller")
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with warnings.catch_warnings():
+        # fvcore traces with torch.jit, which torch >= 2.10 flags as deprecated; the trace is cached after this.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fa.total()
     return fa
 
 

@@ -1,0 +1,98 @@
+"""The ``gtpt`` command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gtpt.cli import main
+
+SUBCOMMANDS = ("summary", "flops", "profile", "env")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # see tests/test_profiler.py: avoids OpenMP oversubscription on the shared 2-core CI machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in SUBCOMMANDS:
+        assert cmd in out
+
+
+def test_python_dash_m_entry_point():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-m", "gtpt", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0 and all(c in p.stdout for c in SUBCOMMANDS)
+
+
+def test_summary(capsys):
+    assert main(["summary", "gtpt-t"]) == 0
+    out = capsys.readouterr().out
+    assert "gtpt-t" in out and "token schedule" in out
+
+
+def test_flops_paper_table(capsys):
+    assert main(["flops", "gtpt-t", "--convention", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "| gtpt-t | 2.371 M | 2.4 M | 0.663 | 0.663 | exact | 0.7 |" in out
+
+
+def test_flops_json_full(capsys):
+    assert main(["flops", "gtpt-t", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    r = rows[0]
+    assert r["variant"] == "gtpt-t" and r["paper_macs"] == r["official_thop_macs"] == 663_179_264
+    assert r["full_unpruned_macs"] > r["full_macs"] > r["paper_macs"]
+    assert 0.3 < r["pruning_saving"] < 0.8
+
+
+def test_profile_tiny(tmp_path, capsys):
+    out_dir = tmp_path / "reports"
+    rc = main(["profile", "--variants", "gtpt-t", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+               "--no-stages", "--out-dir", str(out_dir), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "speedup of the pruned over the unpruned path" in out
+    for name in ("profile.json", "profile.md", "profile.png"):
+        assert (out_dir / name).is_file()
+    data = json.loads((out_dir / "profile.json").read_text())
+    assert data["flops"][0]["paper_macs"] == 663_179_264
+    assert {r["path"] for r in data["latency"]} == {"pruned", "unpruned"}
+    assert data["pruning_speedup_interleaved"][0]["variant"] == "gtpt-t"
+    assert data["meta"]["command"].startswith("gtpt profile")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["profile", "--variants", "gtpt-xl"], "unknown GTPT variant 'gtpt-xl'"),
+    (["flops", "gtpt-xl"], "unknown GTPT variant 'gtpt-xl'"),
+    (["summary", "nope"], "unknown GTPT variant 'nope'"),
+    (["profile", "--batch-sizes", "0"], "expected a positive integer"),
+    (["profile", "--backends", "tensorrt"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_profile_cuda_without_gpu(capsys):
+    assert main(["profile", "--device", "cuda", "--no-flops"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Latency / memory profiler on CPU at tiny settings (GPU-only backends skip; CUDA cases run with a GPU)."""
+import json
+
+import pytest
+import torch
+
+from gtpt import build_model
+from gtpt.flops import FLOP_STAGES, count_flops
+from gtpt.profiler import (LatencyResult, compare_paths, latency_markdown, profile, profile_config,
+                           pruning_speedups, write_report)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The 2-core CI machine runs other test processes beside this one; with one intra-op thread each, OpenMP
+    # threads do not spin against each other (10x slower otherwise). Results do not depend on it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("gtpt-t", backend="reference")
+
+
+def test_profile_config_inference_cpu(tiny_model):
+    r = profile_config("gtpt-t", "reference", batch_size=1, warmup=1, repeats=3, model=tiny_model)
+    assert r.status == "ok" and r.repeats == 3
+    assert 0 < r.p20_ms <= r.median_ms <= r.p80_ms
+    assert r.images_per_s == pytest.approx(1e3 / r.median_ms)
+    assert list(r.per_stage_ms) == list(FLOP_STAGES) and all(v >= 0 for v in r.per_stage_ms.values())
+    assert r.peak_memory_mb is None and "n/a" in r.note  # no fake CPU memory number
+
+
+def test_profile_config_train_step_cpu(tiny_model):
+    r = profile_config("gtpt-t", "reference", batch_size=1, mode="train", warmup=0, repeats=1, model=tiny_model)
+    assert r.status == "ok" and r.path == "both" and r.median_ms > 0
+    assert r.per_stage_ms is None  # stages are timed for inference only
+    assert all(p.grad is None for p in tiny_model.parameters())  # grads are released after the step
+    tiny_model.eval()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip notes")
+@pytest.mark.parametrize("backend", ["triton", "cudagraph", "cudagraph-reference"])
+def test_gpu_only_backends_skip_on_cpu(backend):
+    r = profile_config("gtpt-t", backend, batch_size=1, repeats=1)
+    assert r.status == "skipped" and ("CUDA" in r.note)
+    assert r.median_ms is None
+
+
+def test_sweep_report_files(tmp_path):
+    lines = []
+
+    class Progress:
+        def write(self, s):
+            lines.append(s)
+
+        def flush(self):
+            pass
+
+    results = profile(["gtpt-t"], backends=["reference", "cudagraph"], batch_sizes=[1], warmup=0, repeats=1,
+                      per_stage=False, progress=Progress())
+    assert [r.path for r in results] == ["pruned", "unpruned", "pruned", "unpruned"]
+    assert sum("[" in s and "/4]" in s for s in lines) == 4  # one progress line per config
+    ok = [r for r in results if r.status == "ok"]
+    assert len(ok) == (4 if torch.cuda.is_available() else 2)
+    flops = [count_flops("gtpt-t", "paper").as_dict()]
+    paths = write_report(str(tmp_path), results, flops, meta={"test": True})
+    data = json.loads(open(paths["json"]).read())
+    assert data["meta"] == {"test": True} and data["flops"][0]["total"] == flops[0]["total"]
+    assert len(data["latency"]) == 4 and data["pruning_speedup"]
+    md = open(paths["markdown"]).read()
+    assert "| gtpt-t | reference | inference | pruned | 1 | fp32 |" in md and "speedup" in md
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_measurements_has_no_png(tmp_path):
+    r = LatencyResult("gtpt-t", "triton", 1, "fp32", "inference", "pruned", "cpu", status="skipped", note="x")
+    paths = write_report(str(tmp_path), [r], meta={})
+    assert "png" not in paths and "skipped: x" in latency_markdown([r])
+
+
+def test_pruned_path_is_faster_than_unpruned(tiny_model):
+    # FLOPs first (deterministic): the unpruned path does > 2x the work.
+    pruned = count_flops(tiny_model, "full").total
+    unpruned = count_flops(tiny_model, "full", path="unpruned").total
+    assert unpruned > 2 * pruned
+    # Timing: interleaved runs and the minimum per path, so load from other processes cannot make the pruned
+    # path look slower; the margin (expected ~2-2.5x) leaves ample room.
+    r = compare_paths("gtpt-t", batch_size=1, repeats=5, warmup=1, model=tiny_model)
+    assert len(r["times_ms"]["pruned"]) == len(r["times_ms"]["unpruned"]) == 5
+    assert r["speedup_min"] > 1.3, r
+
+
+def test_speedup_table_pairs_paths():
+    mk = lambda p, ms: LatencyResult("gtpt-t", "reference", 1, "fp32", "inference", p, "cpu", median_ms=ms,  # noqa
+                                     p20_ms=ms, p80_ms=ms)
+    sp = pruning_speedups([mk("pruned", 10.0), mk("unpruned", 25.0)])
+    assert len(sp) == 1 and sp[0]["speedup"] == pytest.approx(2.5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backend"):
+        profile(["gtpt-t"], backends=["tensorrt"], progress=None)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        profile(["gtpt-t"], dtypes=["fp8"], progress=None)
+    with pytest.raises(ValueError, match="unknown GTPT variant"):
+        profile(["gtpt-q"], progress=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton", "cudagraph", "cudagraph-reference"])
+def test_cuda_backends(backend):
+    r = profile_config("gtpt-s", backend, batch_size=2, dtype="bf16", device="cuda", warmup=2, repeats=3)
+    assert r.status == "ok", r.note
+    assert r.peak_memory_mb > 0 and r.median_ms > 0
+
+
+@pytest.mark.gpu
+def test_cuda_train_step():
+    r = profile_config("gtpt-s", "reference", batch_size=2, mode="train", device="cuda", warmup=1, repeats=2)
+    assert r.status == "ok" and r.peak_memory_mb > 0
