@@ -289,7 +289,10 @@ def stage_scopes(model: nn.Module) -> Iterator[Dict[str, str]]:
 
 def fvcore_analysis(module: nn.Module, inputs: Union[Tensor, Tuple[Tensor, ...]]):
     """A configured ``FlopCountAnalysis`` of ``module(*inputs)`` with the gtpt_kernels handles registered."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        # fvcore.nn scripts its focal loss at import with torch.jit.script, deprecated in torch >= 2.10
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     fa = FlopCountAnalysis(module, inputs if isinstance(inputs, tuple) else (inputs,))
     fa.set_op_handle(**CUSTOM_OP_HANDLES)
