@@ -414,7 +414,10 @@ def _mask_on(row_mask: Optional[Tensor], device: torch.device) -> Optional[Tenso
 
 def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[Tensor] = None,
                         backend: Optional[str] = None) -> Tensor:
-    """fp32 softmax-pooled scores ``(B, G, N)``; see :func:`gtpt_kernels.reference.softmax_pool_scores_reference`."""
+    """fp32 softmax-pooled scores ``(B, G, N)``; see :func:`gtpt_kernels.reference.softmax_pool_scores_reference`.
+
+    The Triton backend (the scoring half of :func:`token_prune`'s kernel) is not differentiable: its result never
+    requires grad. Use ``backend="reference"`` to backpropagate through the scores."""
     _check_scores_inputs(q, k, row_mask)
     name = resolve_backend(backend, q.device)
     if name == "triton":
@@ -428,7 +431,12 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
                 backend: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """One GTPT pruning site: score the N candidate tokens, keep the best ``keep`` per (batch, group), gather
     them (and their position embeddings), optionally gated. See
-    :func:`gtpt_kernels.reference.token_prune_reference`."""
+    :func:`gtpt_kernels.reference.token_prune_reference`.
+
+    Triton backend: one kernel launch; deterministic (ties: lower index first); gradients flow to ``tokens``,
+    ``pos`` and ``gate`` through an index scatter, never to ``q`` / ``k``. ``row_mask`` is best passed on the
+    inputs' device (a CPU mask is copied every call); its "every group keeps a row" check runs once per mask
+    tensor (and not at all under ``torch.compile`` or CUDA graph capture)."""
     _check_scores_inputs(q, k, row_mask)
     B, G = q.shape[:2]
     N = k.shape[3]
