@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -204,26 +204,25 @@ def _skip_reason(backend: str, mode: str, path: str, device: torch.device) -> Op
     return None
 
 
-def profile_config(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
-                   mode: str = "inference", path: str = "pruned", device: str = "cpu", warmup: int = 3,
-                   repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None) -> LatencyResult:
-    """Measure one configuration (see the module docstring). ``model`` may be passed to reuse a built model
-    (it is moved / cast in place)."""
+class Step(NamedTuple):
+    step: Callable[[], object]  # one timed unit: a forward (inference) or forward + backward (train); no sync
+    model: nn.Module
+    runner: nn.Module  # eager module of the chosen path (what the per-stage markers hook)
+    images: Tensor
+
+
+def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
+               mode: str = "inference", path: str = "pruned", device: str = "cpu",
+               model: Optional[nn.Module] = None) -> Step:
+    """The callable that :func:`profile_config` times, for reuse by benchmarks. ``model`` (optional) is
+    moved / cast in place. GPU-only backends raise on CPU (:func:`profile_config` skips them instead)."""
     from .model import build_model
 
     cfg = get_config(variant)
     dev = torch.device(device)
-    if mode == "train":
-        path = "both"  # the training step runs the pruned and the unpruned pass
-    elif path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
-    res = LatencyResult(cfg.name, backend, batch_size, dtype, mode, path, str(dev))
     reason = _skip_reason(backend, mode, path, dev)
     if reason:
-        res.status, res.note = "skipped", reason
-        return res
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+        raise RuntimeError(reason)
     torch.manual_seed(0)
     kernels = "triton" if backend in ("triton", "cudagraph") else "reference"
     if model is None:
@@ -232,7 +231,6 @@ def profile_config(variant: str, backend: str = "reference", batch_size: int = 1
     model = model.to(device=dev, dtype=DTYPES[dtype])
     model.train(mode == "train")
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
-    timer = _Timer(dev)
     rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
     runner = _Path(model, rates)
 
@@ -254,6 +252,29 @@ def profile_config(variant: str, backend: str = "reference", batch_size: int = 1
             loss.backward()
             model.zero_grad(set_to_none=True)
             return loss
+    return Step(step, model, runner, images)
+
+
+def profile_config(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
+                   mode: str = "inference", path: str = "pruned", device: str = "cpu", warmup: int = 3,
+                   repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None) -> LatencyResult:
+    """Measure one configuration (see the module docstring). ``model`` may be passed to reuse a built model
+    (it is moved / cast in place)."""
+    cfg = get_config(variant)
+    dev = torch.device(device)
+    if mode == "train":
+        path = "both"  # the training step runs the pruned and the unpruned pass
+    elif path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
+    res = LatencyResult(cfg.name, backend, batch_size, dtype, mode, path, str(dev))
+    reason = _skip_reason(backend, mode, path, dev)
+    if reason:
+        res.status, res.note = "skipped", reason
+        return res
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    step, model, runner, images = build_step(cfg.name, backend, batch_size, dtype, mode, path, device, model)
+    timer = _Timer(dev)
 
     for _ in range(warmup):
         step()
