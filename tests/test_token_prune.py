@@ -128,6 +128,7 @@ ODD = [
     (2, 3, 2, 8, 16, 37, 70, 3, 1, 36, True, False, True),   # R = 8, tokens broadcast only
     (1, 3, 3, 7, 24, 179, 65, 3, 3, 76, False, False, True), # R = 7, C just over a tile
     (1, 2, 2, 4, 24, 33, 64, 2, 2, 32, True, True, True),    # N just over a 32-row chunk
+    (1, 1, 1, 2, 8, 262, 4, 1, 1, 262, False, False, True),  # N > 256 (teacher-pass width), keep everything
 ]
 
 
@@ -150,6 +151,28 @@ def test_odd_shapes(shape, dtype, device):
         assert out_pos.dtype == want_pos.dtype and torch.equal(out_pos, want_pos)
     else:
         assert out_pos is None
+
+
+@pytest.mark.parametrize("tok_dtype,gate_dtype", [(torch.float64, torch.float64), (torch.float16, torch.float32),
+                                                   (torch.float32, torch.float16)])
+def test_mixed_and_fp64_dtypes(tok_dtype, gate_dtype, device):
+    """Outputs take the reference's promoted dtype and stay bit-exact (fp64 multiplies in fp64)."""
+    inp = make_site(1, 3, 2, 2, 16, 37, 9, k_groups=1, tok_groups=1, gate=True, device=device, seed=18)
+    inp["tokens"] = inp["tokens"].to(tok_dtype)
+    inp["pos"] = inp["pos"].to(tok_dtype)
+    inp["gate"] = inp["gate"].to(gate_dtype)
+    out, out_pos, index = run_prune(inp, 13)
+    want_out, want_pos = expected_rows(inp, index)
+    assert out.dtype == want_out.dtype == torch.promote_types(tok_dtype, gate_dtype)
+    assert torch.equal(out, want_out) and torch.equal(out_pos, want_pos)
+    # Gradients come back in each input's own dtype, equal to reference autograd's.
+    leaves = {n: inp[n].detach().clone().requires_grad_(True) for n in ("tokens", "pos", "gate")}
+    w = torch.randn(1, 3, 13, 9, generator=torch.Generator().manual_seed(19)).to(device)
+    kern = lambda *a: token_prune(*a, backend="triton")  # noqa: E731
+    _, g_k = _grads(kern, inp, leaves, 13, w, -w)
+    _, g_r = _grads(token_prune_reference, inp, leaves, 13, w, -w)
+    for n in leaves:
+        assert g_k[n].dtype == leaves[n].dtype and torch.equal(g_k[n], g_r[n]), n
 
 
 def test_tie_rule(device):
