@@ -222,6 +222,8 @@ def test_row_mask_excludes_rows(device):
     rm = dummy_row_mask(G, R, device)
     inp = make_site(1, G, 2, R, 16, 37, 8, row_mask=rm, device=device, seed=6)
     base = softmax_pool_scores(inp["q"], inp["k"], SCALE, rm, backend="triton")
+    rm_t = rm.t().contiguous().t()  # same values, transposed strides
+    assert torch.equal(softmax_pool_scores(inp["q"], inp["k"], SCALE, rm_t, backend="triton"), base)
     q2 = inp["q"].clone()
     q2[:, 0, :, 0] *= 1000.0  # only the excluded (g=0, r=0) row changes
     assert torch.equal(softmax_pool_scores(q2, inp["k"], SCALE, rm, backend="triton"), base)

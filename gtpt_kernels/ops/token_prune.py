@@ -50,7 +50,8 @@ if triton is not None:
         sgt_b, sgt_g, sgt_n, sgt_c,
         R: tl.constexpr, HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = (pid // G).to(tl.int64)  # 64-bit base offsets: strided views of a big packed qkv can pass 2**31
