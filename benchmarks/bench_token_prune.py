@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_token_prune as rtp  # noqa: E402
+from conftest import record_environment  # noqa: E402  (benchmarks/conftest.py: versions, git commit, device)
 
 from gtpt_kernels.reference import token_prune_reference  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
 CASES = [(site, B, dt) for site in rtp.SITES for B in (32, 128) for dt in ("fp32", "bf16")]
 
 
@@ -40,7 +40,7 @@ def test_eager_baseline_matches_reference(site):
     assert torch.equal(take(out_pos, order), take(r_pos, r_order))
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}-{c[2]}")
 def test_token_prune_speed(benchmark, case, impl):
@@ -50,11 +50,8 @@ def test_token_prune_speed(benchmark, case, impl):
     timed = rtp.synchronized(fn, "cuda")
     for _ in range(10):  # warm-up outside the timing (compilation, autotuning caches, allocator)
         timed()
-    env = rtp.environment("cuda")
-    benchmark.extra_info.update({
-        "site": site, "B": B, "dtype": dt, "impl": impl, "device": env.get("gpu"),
-        "torch": env["torch"], "triton": env["triton"], "cuda": env.get("cuda"),
-        "q": list(inputs["q"].shape), "k": list(inputs["k"].shape), "tokens": list(inputs["tokens"].shape),
-        "keep": inputs["keep"], "launches": rtp.count_launches(fn, "cuda"),
-    })
+    record_environment(benchmark, "cuda", site=site, B=B, dtype=dt, impl=impl, gpu=torch.cuda.get_device_name(),
+                       q=tuple(inputs["q"].shape), k=tuple(inputs["k"].shape),
+                       tokens=tuple(inputs["tokens"].shape), keep=inputs["keep"],
+                       launches=rtp.count_launches(fn, "cuda"))
     benchmark.pedantic(timed, rounds=200, iterations=1, warmup_rounds=5)
