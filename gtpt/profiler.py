@@ -474,7 +474,7 @@ def plot_latency(results: Sequence[LatencyResult], path: str) -> Optional[str]:
         return None
     staged = [r for r in ok if r.per_stage_ms]
     ncols = 2 if staged else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3.0, 0.38 * len(ok) + 1.5)), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, max(3.5, 0.38 * len(ok) + 2.0)), squeeze=False)
     ax = axes[0, 0]
     labels = [r.label for r in ok]
     med = [r.median_ms for r in ok]
@@ -485,7 +485,8 @@ def plot_latency(results: Sequence[LatencyResult], path: str) -> Optional[str]:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median latency, ms (log; whiskers p20-p80)")
-    ax.set_title("GTPT end to end (blue pruned, orange unpruned, green train step)")
+    kinds = ["blue pruned", "orange unpruned"] + (["green train step"] if any(r.mode == "train" for r in ok) else [])
+    ax.set_title(f"GTPT end to end ({', '.join(kinds)})")
     if staged:
         ax2 = axes[0, 1]
         left = [0.0] * len(staged)
@@ -497,7 +498,7 @@ def plot_latency(results: Sequence[LatencyResult], path: str) -> Optional[str]:
         ax2.invert_yaxis()
         ax2.set_xlabel("share of forward time, %")
         ax2.set_title("per stage (eager, inference)")
-        ax2.legend(fontsize=7, loc="lower right")
+        ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(FLOP_STAGES) // 2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
