@@ -93,7 +93,7 @@ def _example_images(model: nn.Module, batch_size: int) -> Tensor:
     return torch.randn(batch_size, 3, h, w, generator=g).to(device=p.device, dtype=p.dtype)
 
 
-class _Path(nn.Module):
+class PathRunner(nn.Module):
     """``forward(images)`` = one path of ``model`` (pruned or unpruned), so module-based tools can trace it."""
 
     def __init__(self, model: nn.Module, keep_rates: Sequence[float]):
@@ -173,7 +173,7 @@ def _paper_count(model, name: str, path: str, batch_size: int) -> FlopCount:
         key = type(mod).__name__
         by_type[key] = by_type.get(key, 0) + macs
 
-    runner = _Path(model, _keep_rates(model, path))
+    runner = PathRunner(model, _keep_rates(model, path))
     with _eval_mode(model), torch.no_grad(), _module_hooks(model, hook):
         runner(_example_images(model, batch_size))
     return FlopCount(name, "paper", path, batch_size, sum(per_stage.values()), per_stage, by_type)
@@ -308,7 +308,7 @@ def fvcore_analysis(module: nn.Module, inputs: Union[Tensor, Tuple[Tensor, ...]]
 
 
 def _full_count(model, name: str, path: str, batch_size: int) -> FlopCount:
-    runner = _Path(model, _keep_rates(model, path))
+    runner = PathRunner(model, _keep_rates(model, path))
     with _eval_mode(model), torch.no_grad(), stage_scopes(model) as scopes:
         fa = fvcore_analysis(runner, _example_images(model, batch_size))
         by_mod = fa.by_module()
@@ -373,7 +373,7 @@ def count_parameters(model_or_name: Union[str, nn.Module], convention: str = "pa
         if _thop_macs(mod, inputs, output) is not None:
             ran[id(mod)] = mod
 
-    runner = _Path(model, _keep_rates(model, "pruned"))
+    runner = PathRunner(model, _keep_rates(model, "pruned"))
     with _eval_mode(model), torch.no_grad(), _module_hooks(model, hook):
         runner(_example_images(model, 1))
     return sum(p.numel() for m in ran.values() for p in m.parameters())
@@ -386,7 +386,7 @@ def flop_counter_mode_flops(model_or_name: Union[str, nn.Module], batch_size: in
     from torch.utils.flop_counter import FlopCounterMode
 
     model, _ = _as_model(model_or_name, backend)
-    runner = _Path(model, _keep_rates(model, path))
+    runner = PathRunner(model, _keep_rates(model, path))
     counter = FlopCounterMode(display=False)
     # Grad mode stays on: FlopCounterMode's module tracker registers autograd hooks on module inputs, which fails
     # for no_grad views of parameters (the token embeddings). Batch 1 makes the kept graph cheap.

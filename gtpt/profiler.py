@@ -29,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, TextIO
 
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import get_config
-from .flops import FLOP_STAGES, _Path, stage_scopes
+from .flops import FLOP_STAGES, PathRunner, stage_scopes
 
 BACKENDS = ("reference", "triton", "compile", "cudagraph", "cudagraph-reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -232,7 +232,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
     model.train(mode == "train")
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
     rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
-    runner = _Path(model, rates)
+    runner = PathRunner(model, rates)
 
     if mode == "inference":
         fn = runner
@@ -392,7 +392,7 @@ def compare_paths(variant: str, batch_size: int = 1, repeats: int = 5, warmup: i
         model = build_model(cfg.name, backend="reference")
     model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
-    runners = {"pruned": _Path(model, cfg.layer_keep_rates()), "unpruned": _Path(model, (1.0,) * cfg.depth)}
+    runners = {"pruned": PathRunner(model, cfg.layer_keep_rates()), "unpruned": PathRunner(model, (1.0,) * cfg.depth)}
     timer = _Timer(dev)
     times: Dict[str, List[float]] = {p: [] for p in runners}
     with torch.no_grad():
