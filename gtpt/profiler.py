@@ -276,6 +276,9 @@ def profile_config(variant: str, backend: str = "reference", batch_size: int = 1
     step, model, runner, images = build_step(cfg.name, backend, batch_size, dtype, mode, path, device, model)
     timer = _Timer(dev)
 
+    if backend == "compile":
+        # the first calls compile (and may recompile once shapes are marked dynamic): warm-up, not measurement
+        warmup = max(warmup, 3)
     for _ in range(warmup):
         step()
     timer.sync()
@@ -358,6 +361,10 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     # A training step always runs both passes (student and teacher), so it has a single path, "both".
     combos = [(v, be, b, dt, m, p) for v in names for m in modes for be in backends for dt in dtypes
               for b in batch_sizes for p in (paths if m == "inference" else ("both",))]
+    # torch.compile configs go last: after inductor's CPU kernels have run in this process, every eager op was
+    # measured ~10x slower on a 2-core CPU (a second OpenMP thread pool spinning; torch._dynamo.reset() does not
+    # help), which would corrupt every eager measurement taken after it.
+    combos.sort(key=lambda c: c[1] == "compile")
     results = []
     for i, (v, be, b, dt, m, p) in enumerate(combos, 1):
         t0 = time.perf_counter()
