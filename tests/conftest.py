@@ -34,3 +34,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of CPU-heavy tests: the 2-core CI machine runs other processes beside
+    the tests, and OpenMP threads spinning against each other make eager ops ~10x slower. Results do not
+    depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

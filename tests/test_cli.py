@@ -12,13 +12,7 @@ from gtpt.cli import main
 SUBCOMMANDS = ("summary", "flops", "profile", "env")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # see tests/test_profiler.py: avoids OpenMP oversubscription on the shared 2-core CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_help_lists_subcommands(capsys):

@@ -23,14 +23,7 @@ TRAINABLE_PARAMS = {"gtpt-t": 2_372_864, "gtpt-s": 5_429_856, "gtpt-b": 8_318_75
                     "gtpt-t-wholebody": 2_388_352, "gtpt-s-wholebody": 5_453_088, "gtpt-b-wholebody": 8_341_984}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2-core CI machine runs other test processes beside this one; with one intra-op thread each, OpenMP
-    # threads do not spin against each other (10x slower otherwise). Counts do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @functools.lru_cache(maxsize=None)

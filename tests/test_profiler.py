@@ -10,14 +10,7 @@ from gtpt.profiler import (LatencyResult, compare_paths, latency_markdown, profi
                            pruning_speedups, write_report)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2-core CI machine runs other test processes beside this one; with one intra-op thread each, OpenMP
-    # threads do not spin against each other (10x slower otherwise). Results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
