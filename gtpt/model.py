@@ -213,6 +213,12 @@ class Transformer(nn.Module):
                 valid[g, :len(rows)] = True
             self.register_buffer("_wb_entry_index", index.flatten(), persistent=False)
             self.register_buffer("_wb_entry_rows", valid, persistent=False)
+            # WholeBody fine L3 ranks each group by its sparse + dense rows (6 + 68 / 42 / 6), padding row excluded.
+            # Buffers, not per-call tensors, so the op's row check runs once and never syncs a GPU.
+            for g, nd in enumerate(WHOLEBODY_DENSE_PER_GROUP):
+                rows = torch.ones(1, S + nd, dtype=torch.bool)
+                rows[0, 0] = g != 0
+                self.register_buffer(f"_wb_l3_rows_{g}", rows, persistent=False)
 
     # -- pruning helpers ------------------------------------------------------------------------------------------
     def _prune(self, q, k, tokens, pos, keep, row_mask=None, gate=None):
@@ -310,11 +316,9 @@ class Transformer(nn.Module):
                     xs, ps = [], []
                     for g, nd in enumerate(WHOLEBODY_DENSE_PER_GROUP):
                         lead = S + nd
-                        rows = torch.ones(1, lead, dtype=torch.bool, device=x.device)
-                        rows[0, 0] = g != 0
                         kept, kept_pos, _ = self._prune(q[:, g:g + 1, :, :lead], k[:, g:g + 1, :, lead:],
                                                         x[:, g:g + 1, lead:], pos[:, g:g + 1, nd:], target - nd,
-                                                        row_mask=rows)
+                                                        row_mask=getattr(self, f"_wb_l3_rows_{g}"))
                         xs.append(torch.cat([x[:, g, :lead], kept[:, 0]], dim=1))
                         ps.append(torch.cat([pos[:, g, :nd], kept_pos[:, 0]], dim=1))
                     x, pos = torch.stack(xs, 1), torch.stack(ps, 1)
