@@ -39,9 +39,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in maximum per block on sm_90 (228 KB per SM, 1 KB reserved)
 # Spills: per-thread stack frame + local memory from the cubin (Triton kernels have no stack arrays or calls, so
 # the stack frame is ptxas's spill area). Above WARN_SPILL_BYTES a config is reported with a warning; only a
-# blowup above EXCESSIVE_SPILL_BYTES fails (the fused token-prune kernel at head dim 24 is already at ~8-9 KB).
+# blowup above EXCESSIVE_SPILL_BYTES fails. The token-prune kernel is held to PRUNE_MAX_SPILL_BYTES: it scores in
+# 64-column chunks and spills nothing at any GTPT site (its old whole-row K tile spilled 0.5-9 KB at head dim 24).
 WARN_SPILL_BYTES = 1024
 EXCESSIVE_SPILL_BYTES = 16 * 1024
+PRUNE_MAX_SPILL_BYTES = 256
 WORKERS = 2
 WORKER_TIMEOUT_S = 600
 
@@ -96,13 +98,12 @@ def _prune_configs():
     for dtype in PRUNE_DTYPES:
         for C in PRUNE_DIMS:
             for site, R, N, keep, mask, gate in PRUNE_SITES:
-                if site == "fine-entry-wb" and C != 128:
-                    continue  # R=8 at C=192 costs ~15 s of ptxas per dtype; R=6 at C=192 has the same tiles
                 out.append(dict(id=f"prune-{site}-{dtype}-C{C}", op="prune", site=site, dtype=dtype, C=C, R=R, N=N,
                                 keep=keep, mask=mask, gate=gate, select=True))
         # The scores-only op (softmax_pool_scores): same kernel, selection compiled out.
-        out.append(dict(id=f"scores-fineL3-{dtype}-C128", op="prune", site="fineL3", dtype=dtype, C=128, R=6, N=76,
-                        keep=25, mask=True, gate=False, select=False))
+        for C in PRUNE_DIMS:
+            out.append(dict(id=f"scores-fineL3-{dtype}-C{C}", op="prune", site="fineL3", dtype=dtype, C=C, R=6, N=76,
+                            keep=25, mask=True, gate=False, select=False))
     return out
 
 
@@ -446,12 +447,10 @@ def compile_results(tmp_path_factory):
 def _cost(c):
     if c["op"] == "mhga":
         return 2.0
-    if c["C"] == 128:
-        return 1.2
-    return 12.0 if c["site"].startswith("fine-entry") else 3.0
+    return 1.2 if c["C"] == 128 else 2.5
 
 
-def _check(results, key):
+def _check(results, key, max_spill=EXCESSIVE_SPILL_BYTES):
     res = results.get(key)
     assert res is not None, f"{key}: no result from the compile worker"
     assert res["ok"], f"{key} failed to compile for sm_90:\n{res['error']}"
@@ -459,7 +458,7 @@ def _check(results, key):
     assert smem <= H100_SMEM_PER_BLOCK, f"{key}: {smem} bytes of shared memory > {H100_SMEM_PER_BLOCK} (H100 block)"
     if "local" in res:
         spill = res["local"] + res["stack"]
-        assert spill <= EXCESSIVE_SPILL_BYTES, (
+        assert spill <= max_spill, (
             f"{key}: {spill} bytes of stack/local memory per thread (register spills), regs={res['regs']}")
         if spill > WARN_SPILL_BYTES:
             warnings.warn(f"{key}: {spill} bytes/thread of register spills on sm_90 (regs={res['regs']})")
@@ -472,7 +471,7 @@ def test_mhga_compiles_sm90(compile_results, key):
 
 @pytest.mark.parametrize("key", PRUNE_KEYS)
 def test_token_prune_compiles_sm90(compile_results, key):
-    _check(compile_results, key)
+    _check(compile_results, key, PRUNE_MAX_SPILL_BYTES)
 
 
 def test_resource_report(compile_results, capsys):

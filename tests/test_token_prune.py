@@ -128,6 +128,7 @@ ODD = [
     (2, 3, 2, 8, 16, 37, 70, 3, 1, 36, True, False, True),   # R = 8, tokens broadcast only
     (1, 3, 3, 7, 24, 179, 65, 3, 3, 76, False, False, True), # R = 7, C just over a tile
     (1, 2, 2, 4, 24, 33, 64, 2, 2, 32, True, True, True),    # N just over a 32-row chunk
+    (1, 2, 2, 3, 24, 65, 16, 1, 2, 40, True, True, True),    # N just over a 64-column score chunk
     (1, 1, 1, 5, 8, 262, 4, 1, 1, 262, False, False, True),  # N > 256 (teacher-pass width), R = 5, keep all
 ]
 

@@ -3,9 +3,9 @@
 Semantics: :func:`gtpt_kernels.reference.token_prune_reference`.
 
 Triton path (one launch per pruning site): :func:`_prune_kernel` runs one program per (batch, group). It
-computes the ``(H*R, N)`` logit slab row by row in registers (never in memory), folds it into the
-softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep`` tokens by counting
-each token's rank (ties: lower index first), writes the int64 index and gathers the kept
+computes the ``(H*R, N)`` logit slab row by row in registers (never in memory), 64 token columns at a time,
+folds it into the softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep``
+tokens by counting each token's rank (ties: lower index first), writes the int64 index and gathers the kept
 token and position-embedding rows (times the channel gate, fused) into the compact ``(B, G, keep, C)``
 layout. The same kernel with selection compiled out is the scores-only op.
 
@@ -50,7 +50,7 @@ if triton is not None:
         sgt_b, sgt_g, sgt_n, sgt_c,
         R: tl.constexpr, HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -58,51 +58,56 @@ if triton is not None:
         g = pid % G
         pid64 = pid.to(tl.int64)
 
-        offs_n = tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+        offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         q_base = q_ptr + b * sq_b + g * sq_g
         k_base = k_ptr + b * sk_b + g * sk_g  # sk_g == 0 when k broadcasts over groups
+        sc_base = scores_ptr + pid64 * N
 
+        # Scores in column chunks of BLOCK_S tokens (columns are independent, so chunking changes no result bit):
+        # a (BLOCK_S, BLOCK_D) K tile and the unrolled rows' products stay in registers, where a whole
+        # (BLOCK_N, BLOCK_D) tile at head dim 24 (BLOCK_D=32) spilled kilobytes per thread on sm_90.
         # Online softmax over the j = (head, row) axis, per token column n: m = running max of the logits,
         # z = sum exp(a - m), w = sum exp(a - m) * a. score = w / z. Nothing of size (H*R, N) is stored.
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        z = tl.zeros([BLOCK_N], tl.float32)
-        w = tl.zeros([BLOCK_N], tl.float32)
-        for h in range(H):
-            # K tile of this head, reused by all R query rows; upcast so half inputs accumulate in fp32
-            # (elementwise + reduction rather than tl.dot: D is 16/24, rows are few, and it keeps fp32 IEEE
-            # numerics and the interpreter's broken bf16 tl.dot out of the picture).
-            kt = tl.load(k_base + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            # R (query rows, <= 8 at GTPT's sites) is a constexpr so this loop unrolls and the compiler can
-            # issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
-            for r in tl.static_range(R):
-                qr = tl.load(q_base + h * sq_h + r * sq_r + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
-                # Same operation order as the reference: (q . k) then * scale.
-                a = tl.sum(kt * qr[None, :], axis=1) * scale
-                if HAS_MASK:
-                    valid = tl.load(mask_ptr + g * sm_g + r * sm_r) != 0
-                    a_in = tl.where(valid, a, float("-inf"))
-                else:
-                    a_in = a
-                m_new = tl.maximum(m, a_in)
-                # Until the first valid row m_new is -inf; exp(-inf - -inf) would be NaN, so shift by 0.
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_safe)
-                p = tl.exp(a_in - m_safe)  # 0 for excluded rows
-                z = z * alpha + p
-                w = w * alpha + p * a
-                m = m_new
-        s = w / z  # z >= 1 for real columns: every group has a valid row (checked on the host)
-        # -0.0 and +0.0 compare equal (the reference's stable sort keeps index order between them) but their
-        # bit keys below differ, so canonicalise.
-        s = tl.where(s == 0.0, 0.0, s)
-
-        # The scores go to memory either way: as the scores-only op's output, or as the (B, G, N) fp32 scratch
-        # the rank count below reads back in chunks (register tensors cannot be sliced or indexed).
-        tl.store(scores_ptr + pid64 * N + offs_n, s, mask=n_ok)
+        for n0 in range(0, N, BLOCK_S):
+            cols = n0 + offs_s
+            c_ok = cols < N
+            m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+            z = tl.zeros([BLOCK_S], tl.float32)
+            w = tl.zeros([BLOCK_S], tl.float32)
+            for h in range(H):
+                # K tile of this head, reused by all R query rows; upcast so half inputs accumulate in fp32
+                # (elementwise + reduction rather than tl.dot: D is 16/24, rows are few, and it keeps fp32 IEEE
+                # numerics and the interpreter's broken bf16 tl.dot out of the picture).
+                kt = tl.load(k_base + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
+                             mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                # R (query rows, <= 8 at GTPT's sites) is a constexpr so this loop unrolls and the compiler can
+                # issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
+                for r in tl.static_range(R):
+                    qr = tl.load(q_base + h * sq_h + r * sq_r + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
+                    # Same operation order as the reference: (q . k) then * scale.
+                    a = tl.sum(kt * qr[None, :], axis=1) * scale
+                    if HAS_MASK:
+                        valid = tl.load(mask_ptr + g * sm_g + r * sm_r) != 0
+                        a_in = tl.where(valid, a, float("-inf"))
+                    else:
+                        a_in = a
+                    m_new = tl.maximum(m, a_in)
+                    # Until the first valid row m_new is -inf; exp(-inf - -inf) would be NaN, so shift by 0.
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_safe)
+                    p = tl.exp(a_in - m_safe)  # 0 for excluded rows
+                    z = z * alpha + p
+                    w = w * alpha + p * a
+                    m = m_new
+            s = w / z  # z >= 1 for real columns: every group has a valid row (checked on the host)
+            # -0.0 and +0.0 compare equal (the reference's stable sort keeps index order between them) but their
+            # bit keys below differ, so canonicalise.
+            s = tl.where(s == 0.0, 0.0, s)
+            # The scores go to memory either way: as the scores-only op's output, or as the (B, G, N) fp32
+            # scratch the rank count below reads back in chunks (register tensors cannot be sliced or indexed).
+            tl.store(sc_base + cols, s, mask=c_ok)
 
         if SELECT:
             # Rank selection: rank[n] = #{m : m beats n}, where m beats n if key[m] > key[n] or (key[m] ==
@@ -110,23 +115,28 @@ if triton is not None:
             # magnitude bits of negatives), so the order is total even with NaN and ranks are a permutation of
             # 0..N-1: every output slot is written exactly once, ties go to the lower index first (the
             # reference's stable-sort rule) and the result is deterministic. O(N^2) compares in BLOCK_M x
-            # BLOCK_N chunks is cheap next to the scores for N <= a few hundred and needs no tl.sort (whose
+            # BLOCK_R chunks is cheap next to the scores for N <= a few hundred and needs no tl.sort (whose
             # bitonic network is also ~100x slower in the interpreter).
-            bits_n = s.to(tl.int32, bitcast=True)
-            key_n = bits_n ^ ((bits_n >> 31) & 0x7FFFFFFF)
             tl.debug_barrier()  # make this CTA's score stores visible to all of its threads
-            rank = tl.zeros([BLOCK_N], tl.int32)
+            offs_r = tl.arange(0, BLOCK_R)
             offs_m = tl.arange(0, BLOCK_M)
-            for m0 in range(0, N, BLOCK_M):
-                rows_m = m0 + offs_m
-                s_m = tl.load(scores_ptr + pid64 * N + rows_m, mask=rows_m < N, other=0.0)
-                bits_m = s_m.to(tl.int32, bitcast=True)
-                key_m = (bits_m ^ ((bits_m >> 31) & 0x7FFFFFFF))[:, None]
-                beats = (key_m > key_n[None, :]) | ((key_m == key_n[None, :]) & (rows_m[:, None] < offs_n[None, :]))
-                beats = beats & (rows_m < N)[:, None]
-                rank += tl.sum(beats.to(tl.int32), axis=0)
-            # Scatter: slot rank[n] of the index gets n (kept tokens only).
-            tl.store(idx_ptr + pid64 * K + rank, offs_n.to(tl.int64), mask=n_ok & (rank < K))
+            for r0 in range(0, N, BLOCK_R):
+                rows_n = r0 + offs_r
+                n_ok = rows_n < N
+                s_n = tl.load(sc_base + rows_n, mask=n_ok, other=0.0)
+                bits_n = s_n.to(tl.int32, bitcast=True)
+                key_n = bits_n ^ ((bits_n >> 31) & 0x7FFFFFFF)
+                rank = tl.zeros([BLOCK_R], tl.int32)
+                for m0 in range(0, N, BLOCK_M):
+                    rows_m = m0 + offs_m
+                    s_m = tl.load(sc_base + rows_m, mask=rows_m < N, other=0.0)
+                    bits_m = s_m.to(tl.int32, bitcast=True)
+                    key_m = (bits_m ^ ((bits_m >> 31) & 0x7FFFFFFF))[:, None]
+                    beats = (key_m > key_n[None, :]) | ((key_m == key_n[None, :]) & (rows_m[:, None] < rows_n[None, :]))
+                    beats = beats & (rows_m < N)[:, None]
+                    rank += tl.sum(beats.to(tl.int32), axis=0)
+                # Scatter: slot rank[n] of the index gets n (kept tokens only).
+                tl.store(idx_ptr + pid64 * K + rank, rows_n.to(tl.int64), mask=n_ok & (rank < K))
             # The gather below reads the index back in row chunks.
             tl.debug_barrier()
 
@@ -164,6 +174,13 @@ if triton is not None:
                             else:
                                 pv = pv.to(tl.float32) * gv.to(tl.float32)
                         tl.store(out_pos_base + dst, pv.to(out_pos_ptr.dtype.element_ty), mask=mk)
+
+
+# Column chunk of the scoring loop: a (64, BLOCK_D) K tile plus the R unrolled rows' products fit in registers at
+# head dim 24 (BLOCK_D=32) on sm_90; the whole (BLOCK_N, 32) tile spilled 0.5-9 KB per thread at GTPT-S/B width.
+_SCORE_BLOCK = 64
+# Column chunk of the rank count (BLOCK_M x _RANK_BLOCK compares per step): one chunk at GTPT's N <= 256.
+_RANK_BLOCK = 256
 
 
 def _next_pow2(x: int) -> int:
@@ -209,7 +226,8 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
-        BLOCK_N=BLOCK_N, BLOCK_M=32, BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+        BLOCK_S=min(_SCORE_BLOCK, BLOCK_N), BLOCK_R=min(_RANK_BLOCK, BLOCK_N), BLOCK_M=32,
+        BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
         num_warps=4 if BLOCK_N <= 256 else 8,
     )
 
