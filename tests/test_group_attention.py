@@ -33,7 +33,8 @@ def small_tiles(monkeypatch):
     straddle the shared/own boundary, and several dk/dv query-tile iterations per group."""
     def cfg(N, L, D, dtype, interpret):
         block_d = max(16, ga_mod._next_pow2(D))
-        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, block_d=block_d, num_warps=4, num_stages=1)
+        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, block_d=block_d, num_warps=4, dkdv_warps=4,
+                    num_stages=1)
     monkeypatch.setattr(ga_mod, "_launch_config", cfg)
 
 

@@ -350,18 +350,25 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         m = min(64, max(16, _next_pow2(N)))
         n = min(64, max(16, _next_pow2(L)))
         return dict(fwd_m=m, fwd_n=n, bwd_m=m, bwd_n=min(64, max(16, _next_pow2(N))), block_d=block_d,
-                    num_warps=4, num_stages=1)
+                    num_warps=4, dkdv_warps=4, num_stages=1)
     # GPU: GTPT rows are short (31..300). 32-row query tiles keep partial-tile waste low at N=82 (3x32 vs 2x64)
     # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
-    # The dk/dv program keeps k, v, dk, dv tiles live; fp32 operands at wide heads double that footprint.
-    if dtype == torch.float32 and block_d >= 64:
-        bwd_n = 32
     num_warps = 8 if block_d >= 128 else 4
+    dkdv_warps = num_warps
+    if dtype == torch.float32 and block_d >= 32:
+        # fp32 dots (IEEE: FMA units, tf32: wider operands) hold tiles in larger register layouts than 16-bit
+        # MMAs. sm_90 AOT compiles (tests/test_kernels_compile.py) spilled 136-480 B/thread at head dim 24 and
+        # 0.5-1.6 KB at 64 with 64-row tiles; 32-row query tiles (forward, dq) and 32-token dk/dv tiles cut that.
+        fwd_m = 32
+        bwd_n = 32
+        if block_d >= 64:
+            fwd_n = 32
+            dkdv_warps = 8  # k, v, dk, dv (32 x 64 fp32 each) stay live across the query loop
     return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=32, bwd_n=bwd_n, block_d=block_d, num_warps=num_warps,
-                num_stages=2)
+                dkdv_warps=dkdv_warps, num_stages=2)
 
 
 def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -430,7 +437,7 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     prec = _dot_precision(qkv.dtype, fp32_precision)
     upcast = interpret and qkv.dtype == torch.bfloat16
     common = dict(HEAD_DIM=D, BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, DOT_PREC=prec, UPCAST=upcast,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"])
     q_strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3))
     do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
@@ -439,12 +446,12 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
             qkv, out, grad_out, lse, delta, dqkv,
             *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
             G, N, S, max(S, 1), C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], **common)
+            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg["num_warps"], **common)
     _launch(_mhga_bwd_dkdv_kernel, (B * G, heads, triton.cdiv(N, cfg["bwd_n"])),
             qkv, grad_out, lse, delta, dqkv,
             *q_strides, *do_strides, *g_strides,
             G, N, S, C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], **common)
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common)
     return dqkv
 
 
