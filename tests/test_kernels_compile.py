@@ -3,15 +3,17 @@
 The kernel tests run in the Triton interpreter on machines without a GPU, which never sees the compiled path:
 type errors the frontend rejects, unsupported ops, constexpr mistakes, shared-memory or register blowups. This
 module compiles the MHGA forward/backward kernels (:mod:`gtpt_kernels.ops.group_attention`) and the fused
-scoring/top-k/gather kernel (:mod:`gtpt_kernels.ops.token_prune`) with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32))`` through ``ptxas`` to a cubin, for the configurations GTPT launches.
+scoring/top-k/gather kernel (:mod:`gtpt_kernels.ops.token_prune`) for an H100 (sm_90) through ``ptxas`` to a
+cubin, for the configurations GTPT launches.
 
 Faithfulness: the signature, constexprs, divisibility attributes and launch options are not written by hand.
 The real launchers (``_fwd_impl``/``_bwd_impl`` and the token-prune ``_launch``) are called on ``meta``-device
 tensors shaped and strided as the GTPT model passes them (views of the packed ``qkv``, expanded position
-embeddings, ...), with the kernel launch intercepted; the intercepted arguments then go through Triton's own
-JIT binder and ``_pack_args``, exactly as a GPU launch would. So block sizes, ``num_warps``/``num_stages``,
-stride-1 specialisation and 16-byte divisibility all come from the launch code.
+embeddings, ...), with the kernel launch intercepted; the intercepted arguments then go to the kernel's
+``warmup``, which runs Triton's own binder, specialisation and option parsing, exactly as a GPU launch would, and
+compiles without launching (a stand-in driver reports an sm_90 target). So block sizes, ``num_warps``/
+``num_stages``, stride-1 specialisation and 16-byte divisibility all come from the launch code. ``warmup`` is
+public on every supported triton, so this test runs on 3.2 through the current release.
 
 ``TRITON_INTERPRET=1`` (set by conftest) makes ``@triton.jit`` return interpreter objects that cannot be
 compiled, so the compiles run in two worker subprocesses (this file run as a script, ``TRITON_INTERPRET``
@@ -19,7 +21,7 @@ unset), one per core, which write their results to JSON. Compiles land in Triton
 unchanged kernels costs only the process start-up.
 
 Checks per config: it compiles (any frontend/LLVM/ptxas error fails the test with the error), the kernel's
-shared memory fits one H100 block (227 KB opt-in), and local memory (spills) is not grossly excessive.
+shared memory fits one H100 block (227 KB opt-in), and local memory (register spills) stays under MAX_SPILL_BYTES.
 Registers, spills (local bytes per thread, from ``cuobjdump --dump-resource-usage``) and shared memory of every
 config are printed by ``test_resource_report``.
 """
@@ -125,25 +127,31 @@ def _unavailable_reason():
         return f"triton unavailable: {e}"
     if "nvidia" not in backends:
         return "triton was built without the NVIDIA backend"
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        path = get_ptxas(90).path
-    except Exception as e:
-        return f"no ptxas for sm_90: {e}"
+    path = _nvidia_tool("ptxas")
     if not path or not os.path.exists(path):
-        return "no ptxas for sm_90"
+        return "no ptxas for sm_90 in this triton install"
     return None
+
+
+def _nvidia_tool(name):
+    """Path of a CUDA binary that ships with triton (ptxas, cuobjdump), across triton 3.2 .. current."""
+    try:
+        from triton import knobs  # triton >= 3.4
+        return getattr(knobs.nvidia, name).path
+    except Exception:
+        pass
+    try:
+        from triton.backends.nvidia.compiler import _path_to_binary  # triton 3.2 / 3.3
+        return _path_to_binary(name)[0]
+    except Exception:
+        return None
 
 
 def _resource_usage(cubin: bytes, name: str):
     """(registers, local bytes, stack bytes, static shared bytes) per thread from the cubin, or None."""
     import re
     import tempfile
-    try:
-        from triton import knobs
-        tool = knobs.nvidia.cuobjdump.path
-    except Exception:
-        return None
+    tool = _nvidia_tool("cuobjdump")
     if not tool or not os.path.exists(tool):
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -161,31 +169,50 @@ def _resource_usage(cubin: bytes, name: str):
 
 
 class _FakePtr:
-    """A tensor argument as the JIT binder sees it: dtype and a 16-byte aligned address."""
+    """A tensor argument as the JIT binder sees it: its dtype and an address with the alignment a real launch
+    would have (allocations are 256-byte aligned; views such as k inside the packed qkv add their offset)."""
 
     def __init__(self, t):
         self.dtype = t.dtype
+        self._ptr = (1 << 20) + t.storage_offset() * t.element_size()
 
     def data_ptr(self):
+        return self._ptr
+
+
+class _Sm90Driver:
+    """Stands in for the CUDA driver so that ``JITFunction.warmup`` compiles for an H100 on a machine without one.
+
+    ``warmup`` runs the same binder, specialisation and option parsing as a launch, then stops before loading the
+    cubin; it only asks the driver for the current device, stream and target. This is public API on every
+    supported triton (3.2 .. current), unlike the binder internals, which change between releases."""
+
+    def get_current_device(self):
         return 0
 
+    def get_current_stream(self, device=None):
+        return 0
 
-def _compile_launch(kernel, args, kwargs, target, backend):
-    """Compile ``kernel`` for ``target`` exactly as ``kernel[grid](*args, **kwargs)`` would on that GPU."""
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def is_active(self):
+        return True
+
+
+def _use_sm90_driver():
+    from triton.runtime import driver
+    driver.set_active(_Sm90Driver())
+
+
+def _compile_launch(kernel, args, kwargs):
+    """Compile ``kernel`` for sm_90 exactly as ``kernel[grid](*args, **kwargs)`` would on that GPU.
+    Returns the compiled kernel and the constexpr launch arguments (for the report)."""
     import torch
-    import triton
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import create_function_from_signature
-
     args = [_FakePtr(a) if isinstance(a, torch.Tensor) else a for a in args]
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, spec, opts = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, opts, bound, spec, opts)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
-    names = kernel.arg_names
-    consts = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
-    return compiled, options, consts
+    compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+    return compiled, {k: v for k, v in kwargs.items() if k.isupper()}
 
 
 def _mhga_launches(cfg, ga):
@@ -277,14 +304,14 @@ def _prune_launch(cfg, tp):
 def _record(results, key, fn):
     t0 = time.perf_counter()
     try:
-        compiled, options, consts = fn()
+        compiled, consts = fn()
     except Exception as e:  # any compile error is the finding
         msg = f"{type(e).__name__}: {e}"
         results[key] = dict(ok=False, error=msg[:6000], compile_s=time.perf_counter() - t0)
         return
     res = dict(ok=True, compile_s=time.perf_counter() - t0, shared=int(compiled.metadata.shared),
-               num_warps=options.num_warps, num_stages=options.num_stages,
-               consts={k: v for k, v in consts.items() if k.isupper()})
+               num_warps=int(compiled.metadata.num_warps), num_stages=int(compiled.metadata.num_stages),
+               consts=consts)
     usage = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
     if usage:
         res.update(usage)
@@ -302,12 +329,9 @@ def _worker(config_ids, out_path):
         return
     import warnings
     warnings.filterwarnings("ignore")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+    _use_sm90_driver()
     import gtpt_kernels.ops.group_attention as ga
     import gtpt_kernels.ops.token_prune as tp
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     by_id = {c["id"]: c for c in CONFIGS}
     results = {}
     for cid in config_ids:
@@ -321,7 +345,7 @@ def _worker(config_ids, out_path):
                 continue
             for kernel, a, m in launches:
                 _record(results, f"{cid}/{kernel.__name__}",
-                        lambda: _compile_launch(kernel, a, m, target, backend))
+                        lambda: _compile_launch(kernel, a, m))
         else:
             try:
                 a, m = _prune_launch(cfg, tp)
@@ -329,7 +353,7 @@ def _worker(config_ids, out_path):
                 results[f"{cid}/_prune_kernel"] = dict(ok=False, error=f"launcher failed: {type(e).__name__}: {e}")
                 continue
             _record(results, f"{cid}/_prune_kernel",
-                    lambda: _compile_launch(tp._prune_kernel, a, m, target, backend))
+                    lambda: _compile_launch(tp._prune_kernel, a, m))
     with open(out_path, "w") as f:
         json.dump(results, f)
 
@@ -345,12 +369,9 @@ def _mutant_worker(out_path):
     sys.path.insert(0, REPO)
     import warnings
     warnings.filterwarnings("ignore")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
+    _use_sm90_driver()
     import gtpt_kernels.ops.group_attention as ga
     import gtpt_kernels.ops.token_prune as tp
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     cfg = next(c for c in CONFIGS if c["op"] == "mhga" and c["dtype"] == "float16")
     cases = [(ga, "_mhga_fwd_kernel", "# Launchers", _mhga_launches(cfg, ga)[0]),
              (tp, "_prune_kernel", "def _next_pow2", (tp._prune_kernel,) + _prune_launch(PRUNE_CFG, tp))]
@@ -372,7 +393,7 @@ def _mutant_worker(out_path):
         mutant = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mutant)
         try:
-            _compile_launch(getattr(mutant, name), a, m, target, backend)
+            _compile_launch(getattr(mutant, name), a, m)
             out[name] = None
         except Exception as e:
             out[name] = f"{type(e).__name__}: {e}"[:2000]

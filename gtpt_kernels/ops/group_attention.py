@@ -314,8 +314,11 @@ if triton is not None:
                         do_mask = do_mask & (offs_m + gq != 0)[:, None]
                     q = tl.load(q_base + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
                     do = tl.load(do_base + offs_m[:, None] * s_dn + (hd * s_dc)[None, :], mask=do_mask, other=0.0)
-                    lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
-                    delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+                    # Unmasked loads at clamped indices (rows past N repeat row N-1; p_t masks them below): a
+                    # masked load here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
+                    offs_m_in = tl.minimum(offs_m, N - 1)
+                    lse = tl.load(LSE + row + offs_m_in)
+                    delta = tl.load(DELTA + row + offs_m_in)
                     # Transposed tile (keys x queries): the reductions below are over queries, along axis 1.
                     qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
                     p_t = tl.math.exp2(qk_t - lse[None, :])
