@@ -1,7 +1,8 @@
 """pytest-benchmark suite: end-to-end GTPT (not a test suite).
 
 GPU (GTPT-S, inference, B = 32 / 128, fp32 / bf16): eager on the reference ops vs eager on the Triton kernels vs
-``torch.compile`` of the reference vs CUDA-graph replay (of the kernels and of the reference)::
+``torch.compile`` of the reference (default and ``reduce-overhead`` modes) vs CUDA-graph replay (of the kernels and
+of the reference)::
 
     python -m pytest benchmarks/bench_model.py --benchmark-only --benchmark-json=model.json \\
         --benchmark-group-by=param:B,param:dtype
@@ -21,7 +22,7 @@ from gtpt.config import get_config
 from gtpt.flops import count_flops
 from gtpt.profiler import build_step
 
-GPU_BACKENDS = ["reference", "triton", "compile", "cudagraph", "cudagraph-reference"]
+GPU_BACKENDS = ["reference", "triton", "compile", "compile-reduce-overhead", "cudagraph", "cudagraph-reference"]
 
 
 @functools.lru_cache(maxsize=None)

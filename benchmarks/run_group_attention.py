@@ -148,6 +148,10 @@ def make_callable(impl: str, shape: Shape, B: int, dtype: torch.dtype, device,
     if impl == "sdpa":
         keep = _pad_row_keep(shape, device, dtype) if pad else None
         return lambda qkv: sdpa_group_attention(qkv, shape, scale, keep)
+    if impl in ("flex", "compiled"):
+        # Dynamo caches per code object (flex_attention, the lambda below), across all cases of a sweep; past its
+        # recompile limit (8) it would silently run eager. A fresh cache per case keeps these figures compiled.
+        torch._dynamo.reset()
     if impl == "flex":
         return make_flex(shape, B, device, scale)
     if impl == "compiled":
@@ -235,18 +239,28 @@ def _peak_mb(step: Callable[[], None], device) -> Optional[float]:
 
 
 def run_all(shapes: List[Shape], batches: List[int], dtypes: List[str], impls: List[str], modes: List[str],
-            device, warmup: int, rep: int, compile_mode: Optional[str]) -> List[dict]:
+            device, warmup: int, rep: int, compile_mode: Optional[str],
+            budget_s: Optional[float] = None) -> List[dict]:
+    """Every (shape, B, dtype, mode, impl) case in that order. With ``budget_s``, cases that would start after
+    that many seconds are listed as not run, so a time-boxed GPU session still writes its tables."""
     rows = []
     sync = str(device).startswith("cuda")
+    t_start = time.perf_counter()
     for shape in shapes:
         for B in batches:
             for dname in dtypes:
                 dtype = DTYPES[dname]
                 for mode in modes:
-                    qkv, grad = make_inputs(shape, B, dtype, device, requires_grad=(mode != "fwd"))
+                    out_of_time = budget_s is not None and time.perf_counter() - t_start > budget_s
+                    if not out_of_time:
+                        qkv, grad = make_inputs(shape, B, dtype, device, requires_grad=(mode != "fwd"))
                     for impl in impls:
                         row = dict(shape=shape.name, G=shape.G, N=shape.N, L=shape.keys, S=shape.S, B=B,
                                    heads=shape.heads, dim=shape.dim, dtype=dname, mode=mode, impl=impl)
+                        if out_of_time:
+                            row["error"] = f"not run: time budget of {budget_s:.0f} s spent"
+                            rows.append(row)
+                            continue
                         try:
                             fn = make_callable(impl, shape, B, dtype, device, compile_mode)
                             step = make_step(fn, mode, qkv, grad, sync)
@@ -259,7 +273,8 @@ def run_all(shapes: List[Shape], batches: List[int], dtypes: List[str], impls: L
                             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                         rows.append(row)
                         print(_fmt_progress(row), flush=True)
-                    del qkv, grad
+                    if not out_of_time:
+                        del qkv, grad
     _add_ratios(rows)
     return rows
 
@@ -332,6 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench measurement time (ms)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the 'compiled' baseline (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new case after this many seconds (the rest are reported as not run)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: run B=1 on CPU with wall-clock timing to check the pipeline")
     args = p.parse_args(argv)
@@ -352,7 +369,7 @@ def main(argv=None) -> int:
     env = environment(device)
     print("MHGA benchmark:", json.dumps(env))
     rows = run_all([SHAPES[s] for s in args.shapes], args.batch, args.dtype, args.impls, args.modes, device,
-                   args.warmup, args.rep, args.compile_mode)
+                   args.warmup, args.rep, args.compile_mode, args.budget_s)
     md = to_markdown(rows, env)
     print()
     print(md)

@@ -121,6 +121,9 @@ def make_callables(inputs: dict, compile_mode: Optional[str] = "default",
         fns["eager"] = lambda: official_eager(*args, **kw)
     if "compiled" in which and compile_mode is not None:
         mode = None if compile_mode == "default" else compile_mode
+        # A fresh Dynamo cache per case: the cache is per code object (official_eager) and past its recompile
+        # limit (8) a sweep's later cases would silently run eager.
+        torch._dynamo.reset()
         comp = torch.compile(official_eager, mode=mode, dynamic=False)
         fns["compiled"] = lambda: comp(*args, **kw)
     return fns
@@ -195,28 +198,40 @@ def environment(device: str) -> dict:
 
 
 def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, compile_mode: Optional[str],
-        warmup: int, rep: int) -> List[dict]:
+        warmup: int, rep: int, budget_s: Optional[float] = None) -> List[dict]:
+    """Every (site, B, dtype) case. A case that fails is reported with its error, not fatal; with ``budget_s``,
+    cases that would start after that many seconds are listed as not run."""
     rows = []
+    t_start = time.perf_counter()
     for name in sites:
         site = SITES[name]
         for B in batches:
             for dt in dtypes:
-                inputs = make_inputs(site, B, DTYPES[dt], device)
-                fns = make_callables(inputs, compile_mode)
-                # Same selection as the official topk (the kernel breaks ties by index; random inputs have none).
-                f_idx = fns["fused"]()[2].sort(-1).values
-                e_idx = fns["eager"]()[2].sort(-1).values
-                agree = float((f_idx == e_idx).float().mean())
-                row = {"site": name, "B": B, "dtype": dt, "index_agreement": agree,
-                       "shapes": {"q": list(inputs["q"].shape), "k": list(inputs["k"].shape),
-                                  "tokens": list(inputs["tokens"].shape), "keep": site.keep}}
-                for impl, fn in fns.items():
-                    row[impl] = time_us(synchronized(fn, device), device, warmup, rep) if device == "cuda" \
-                        else time_us(fn, device, 1, 3)
-                    row[impl]["launches"] = count_launches(fn, device)
-                for base in ("eager", "compiled"):
-                    if base in row:
-                        row[f"speedup_vs_{base}"] = row[base]["median_us"] / row["fused"]["median_us"]
+                row = {"site": name, "B": B, "dtype": dt}
+                if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                    row["error"] = f"not run: time budget of {budget_s:.0f} s spent"
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+                    continue
+                try:
+                    inputs = make_inputs(site, B, DTYPES[dt], device)
+                    row["shapes"] = {"q": list(inputs["q"].shape), "k": list(inputs["k"].shape),
+                                     "tokens": list(inputs["tokens"].shape), "keep": site.keep}
+                    fns = make_callables(inputs, compile_mode)
+                    # Same selection as the official topk (the kernel breaks ties by index; random inputs have
+                    # none).
+                    f_idx = fns["fused"]()[2].sort(-1).values
+                    e_idx = fns["eager"]()[2].sort(-1).values
+                    row["index_agreement"] = float((f_idx == e_idx).float().mean())
+                    for impl, fn in fns.items():
+                        row[impl] = time_us(synchronized(fn, device), device, warmup, rep) if device == "cuda" \
+                            else time_us(fn, device, 1, 3)
+                        row[impl]["launches"] = count_launches(fn, device)
+                    for base in ("eager", "compiled"):
+                        if base in row:
+                            row[f"speedup_vs_{base}"] = row[base]["median_us"] / row["fused"]["median_us"]
+                except Exception as exc:  # reported in the table, the sweep goes on
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
@@ -232,11 +247,12 @@ def _fmt(row: dict, impl: str, key: str, spec: str = ".1f") -> str:
 
 
 def format_row(row: dict) -> str:
-    sv = lambda k: "-" if k not in row else f"{row[k]:.2f}"  # noqa: E731
+    sv = lambda k, spec=".2f": "-" if k not in row else format(row[k], spec)  # noqa: E731
     launches = "/".join(_fmt(row, i, "launches", "d") for i in ("fused", "eager", "compiled"))
     return (f"| {row['site']} | {row['B']} | {row['dtype']} | {_fmt(row, 'fused', 'median_us')} | "
             f"{_fmt(row, 'eager', 'median_us')} | {_fmt(row, 'compiled', 'median_us')} | "
-            f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {launches} | {row['index_agreement']:.3f} |")
+            f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {launches} | {sv('index_agreement', '.3f')} |"
+            + (f" {row['error']}" if "error" in row else ""))
 
 
 def main(argv=None) -> int:
@@ -250,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rep", type=int, default=200)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case after this many seconds (the rest are reported as not run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run to check the pipeline (no timings)")
     args = ap.parse_args(argv)
 
@@ -264,7 +282,7 @@ def main(argv=None) -> int:
         device, batches, dtypes, sites = "cuda", args.batch, args.dtype, args.sites
 
     print(HEADER)
-    rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep)
+    rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep, args.budget_s)
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"env": environment(device), "compile_mode": compile_mode, "warmup": args.warmup, "rep": args.rep,
               "rows": rows}

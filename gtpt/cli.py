@@ -210,8 +210,9 @@ def _cmd_profile(args) -> int:
                 print(f"interleaved pruned/unpruned {v} B={b} {dtype}: speedup {r['speedup_median']:.2f}x (median), "
                       f"{r['speedup_min']:.2f}x (min)", file=progress, flush=True)
     results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes, dtypes=args.dtypes,
-                               modes=args.modes, paths=("pruned", "unpruned"), device=device, warmup=args.warmup,
-                               repeats=args.repeats, per_stage=not args.no_stages, progress=progress)
+                               modes=args.modes, paths=args.paths, device=device, warmup=args.warmup,
+                               repeats=args.repeats, per_stage=not args.no_stages, progress=progress,
+                               budget_s=args.budget_s)
     meta = profiler.environment_info(device)
     meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
                  "wall_s": round(time.perf_counter() - t_start, 1)})
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Writes profile.json, profile.md and profile.png to --out-dir. Defaults fit "
                                     "a 2-core CPU in a few minutes; for a GPU sweep use e.g. --device cuda "
                                     "--batch-sizes 1 32 128 --dtypes fp32 bf16 --backends reference triton "
-                                    "compile cudagraph.")
+                                    "compile compile-reduce-overhead cudagraph.")
     pr.add_argument("--variants", nargs="+", metavar="VARIANT",
                     help=f"variants or 'all' (default: gtpt-t gtpt-s): {names}")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: 1 8")
     pr.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp32"], help="default: fp32")
     pr.add_argument("--backends", nargs="+", choices=BACKENDS, default=["reference"],
-                    help="default: reference (triton / cudagraph need CUDA)")
+                    help="default: reference (triton, compile-reduce-overhead and cudagraph need CUDA)")
     pr.add_argument("--modes", nargs="+", choices=MODES, default=["inference"],
                     help="inference and/or train (one forward+backward of both passes); default: inference")
     pr.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed iterations per config (default 2)")
@@ -316,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int, default=None,
                     help="CPU intra-op threads (default: torch's choice, one per core); 1 avoids OpenMP "
                          "oversubscription when other processes share the cores")
+    pr.add_argument("--paths", nargs="+", choices=("pruned", "unpruned"), default=["pruned", "unpruned"],
+                    help="inference paths to time (default: both; the saving needs both)")
+    pr.add_argument("--budget-s", type=float, default=None,
+                    help="start no new latency config after this many seconds; the rest are reported as skipped")
     pr.add_argument("--no-stages", action="store_true", help="skip the per-stage timing pass")
     pr.add_argument("--no-flops", action="store_true", help="skip parameter and FLOP counting")
     pr.add_argument("--out-dir", default="reports", help="report directory (default: reports/)")

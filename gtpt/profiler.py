@@ -5,7 +5,9 @@ Backends:
 * ``reference`` - eager PyTorch, attention and pruning on the pure-PyTorch reference ops;
 * ``triton`` - eager, attention and pruning on the fused Triton kernels (CUDA only: on CPU they would run in the
   Triton interpreter, whose timings mean nothing);
-* ``compile`` - ``torch.compile`` of the reference model;
+* ``compile`` - ``torch.compile`` of the reference model (default mode);
+* ``compile-reduce-overhead`` - ``torch.compile(mode="reduce-overhead")`` of the reference model (Inductor plus
+  its own CUDA graphs; CUDA only);
 * ``cudagraph`` / ``cudagraph-reference`` - replay of a ``torch.cuda.CUDAGraph`` captured from the triton /
   reference model (CUDA only, inference only).
 
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from .config import get_config
 from .flops import FLOP_STAGES, PathRunner, stage_scopes
 
-BACKENDS = ("reference", "triton", "compile", "cudagraph", "cudagraph-reference")
+BACKENDS = ("reference", "triton", "compile", "compile-reduce-overhead", "cudagraph", "cudagraph-reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("inference", "train")
 PATHS = ("pruned", "unpruned")
@@ -196,6 +198,8 @@ def _simcc_objective(out) -> Tensor:
 def _skip_reason(backend: str, mode: str, path: str, device: torch.device) -> Optional[str]:
     if backend == "triton" and device.type != "cuda":
         return "triton kernels need CUDA (on CPU they run in the Triton interpreter, too slow to time)"
+    if backend == "compile-reduce-overhead" and device.type != "cuda":
+        return "reduce-overhead compiles to CUDA graphs: CUDA only"
     if backend.startswith("cudagraph"):
         if device.type != "cuda":
             return "CUDA graphs need a CUDA device"
@@ -233,11 +237,17 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
     rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
     runner = PathRunner(model, rates)
+    compile_mode = {"compile": None, "compile-reduce-overhead": "reduce-overhead"}
+    if backend in compile_mode:
+        # Dynamo caches compiled code per code object (PathRunner.forward / GTPT.forward), shared by every
+        # config of a sweep; past its recompile limit (8) it silently runs eager. A fresh cache per config keeps
+        # every "compile" figure a compiled one.
+        torch._dynamo.reset()
 
     if mode == "inference":
         fn = runner
-        if backend == "compile":
-            fn = torch.compile(runner)
+        if backend in compile_mode:
+            fn = torch.compile(runner, mode=compile_mode[backend])
         elif backend.startswith("cudagraph"):
             fn = _cuda_graph(runner, images)
 
@@ -245,7 +255,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
             with torch.no_grad():
                 return fn(images)
     else:
-        target = torch.compile(model) if backend == "compile" else model
+        target = torch.compile(model, mode=compile_mode[backend]) if backend in compile_mode else model
 
         def step():
             loss = _simcc_objective(target(images))
@@ -276,7 +286,7 @@ def profile_config(variant: str, backend: str = "reference", batch_size: int = 1
     step, model, runner, images = build_step(cfg.name, backend, batch_size, dtype, mode, path, device, model)
     timer = _Timer(dev)
 
-    if backend == "compile":
+    if backend.startswith("compile"):
         # the first calls compile (and may recompile once shapes are marked dynamic): warm-up, not measurement
         warmup = max(warmup, 3)
     for _ in range(warmup):
@@ -344,9 +354,10 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
             batch_sizes: Sequence[int] = (1, 8), dtypes: Sequence[str] = ("fp32",),
             modes: Sequence[str] = ("inference",), paths: Sequence[str] = ("pruned", "unpruned"),
             device: str = "cpu", warmup: int = 3, repeats: int = 10, per_stage: bool = True,
-            progress: Optional[TextIO] = sys.stderr) -> List[LatencyResult]:
+            progress: Optional[TextIO] = sys.stderr, budget_s: Optional[float] = None) -> List[LatencyResult]:
     """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
-    configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep."""
+    configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep. With
+    ``budget_s``, configurations that would start after that many seconds are recorded as skipped."""
     for name, values, valid in (("backend", backends, BACKENDS), ("dtype", dtypes, DTYPES),
                                 ("mode", modes, MODES), ("path", paths, PATHS)):
         for v in values:
@@ -364,10 +375,15 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     # torch.compile configs go last: after inductor's CPU kernels have run in this process, every eager op was
     # measured ~10x slower on a 2-core CPU (a second OpenMP thread pool spinning; torch._dynamo.reset() does not
     # help), which would corrupt every eager measurement taken after it.
-    combos.sort(key=lambda c: c[1] == "compile")
+    combos.sort(key=lambda c: c[1].startswith("compile"))
     results = []
+    t_sweep = time.perf_counter()
     for i, (v, be, b, dt, m, p) in enumerate(combos, 1):
         t0 = time.perf_counter()
+        if budget_s is not None and t0 - t_sweep > budget_s:
+            results.append(LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
+                                         note=f"time budget of {budget_s:.0f} s spent"))
+            continue
         try:
             r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage)
         except Exception as e:  # keep the sweep going; the report says what failed

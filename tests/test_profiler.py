@@ -6,7 +6,7 @@ import torch
 
 from gtpt import build_model
 from gtpt.flops import FLOP_STAGES, count_flops
-from gtpt.profiler import (LatencyResult, compare_paths, latency_markdown, profile, profile_config,
+from gtpt.profiler import (LatencyResult, build_step, compare_paths, latency_markdown, profile, profile_config,
                            pruning_speedups, write_report)
 
 
@@ -37,7 +37,7 @@ def test_profile_config_train_step_cpu(tiny_model):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip notes")
-@pytest.mark.parametrize("backend", ["triton", "cudagraph", "cudagraph-reference"])
+@pytest.mark.parametrize("backend", ["triton", "cudagraph", "cudagraph-reference", "compile-reduce-overhead"])
 def test_gpu_only_backends_skip_on_cpu(backend):
     r = profile_config("gtpt-t", backend, batch_size=1, repeats=1)
     assert r.status == "skipped" and ("CUDA" in r.note)
@@ -69,6 +69,31 @@ def test_sweep_report_files(tmp_path):
     assert "| gtpt-t | reference | inference | pruned | 1 | fp32 |" in md and "speedup" in md
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_time_budget_and_paths():
+    # A spent budget records the remaining configs as skipped (the report still lists them); paths restrict the
+    # inference configs.
+    results = profile(["gtpt-t"], backends=["reference"], batch_sizes=[1, 2], paths=["pruned"], warmup=0,
+                      repeats=1, per_stage=False, progress=None, budget_s=0.0)
+    assert [(r.batch_size, r.path) for r in results] == [(1, "pruned"), (2, "pruned")]
+    assert all(r.status == "skipped" and "time budget" in r.note and r.median_ms is None for r in results)
+
+
+def test_compile_configs_start_from_a_fresh_dynamo_cache(monkeypatch, tiny_model):
+    # Every config of a sweep compiles the same forward code object; past Dynamo's recompile limit it would run
+    # eager under a "compile" label. build_step resets the cache for each compiled config (compile itself is
+    # stubbed: this checks the wiring, not Inductor).
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: calls.append(("compile", mode)) or fn)
+    for mode in ("inference", "train"):
+        build_step("gtpt-t", "compile", 1, "fp32", mode, "pruned", "cpu", model=tiny_model)
+    assert calls == ["reset", ("compile", None), "reset", ("compile", None)]
+    tiny_model.eval()
+    calls.clear()
+    build_step("gtpt-t", "reference", 1, "fp32", "inference", "pruned", "cpu", model=tiny_model)
+    assert calls == []
 
 
 def test_report_without_measurements_has_no_png(tmp_path):
