@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for the fused pruning op at the three GTPT sites (B = 32 / 128, fp32 / bf16).
+"""pytest-benchmark cases for the fused pruning op at the GTPT sites (B = 32 / 128, fp32 / bf16).
 
 Run on a GPU machine:  ``python -m pytest benchmarks/bench_token_prune.py --benchmark-group-by=param:case``.
 Each case times the fused kernel, the official eager sequence and ``torch.compile`` of it on the same inputs;
@@ -24,20 +24,33 @@ from gtpt_kernels.reference import token_prune_reference  # noqa: E402
 CASES = [(site, B, dt) for site in rtp.SITES for B in (32, 128) for dt in ("fp32", "bf16")]
 
 
+def _assert_same_selection(index, out, out_pos, r_idx, r_out, r_pos):
+    """Same kept set and, row for row once both are put in index order, the same gathered rows."""
+    assert torch.equal(index.sort(-1).values, r_idx.sort(-1).values)
+    take = lambda t, o: torch.gather(t, 2, o.unsqueeze(-1).expand_as(t))  # noqa: E731
+    order, r_order = torch.argsort(index, dim=-1), torch.argsort(r_idx, dim=-1)
+    assert torch.equal(take(out, order), take(r_out, r_order))
+    assert torch.equal(take(out_pos, order), take(r_pos, r_order))
+
+
 @pytest.mark.parametrize("site", list(rtp.SITES))
 def test_eager_baseline_matches_reference(site):
     """The timed baseline must be the same computation: same kept set, same rows (CPU, fp32, B=2)."""
     inputs = rtp.make_inputs(rtp.SITES[site], 2, torch.float32, "cpu", seed=1)
     args = (inputs["q"], inputs["k"], inputs["tokens"], inputs["pos"], inputs["keep"], inputs["scale"])
-    out, out_pos, index = rtp.official_eager(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])
-    r_out, r_pos, r_idx = token_prune_reference(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])
-    assert torch.equal(index.sort(-1).values, r_idx.sort(-1).values)
-    # Rows in the reference's order: reorder the baseline's (topk order) rows by index.
-    order = torch.argsort(index, dim=-1)
-    r_order = torch.argsort(r_idx, dim=-1)
-    take = lambda t, o: torch.gather(t, 2, o.unsqueeze(-1).expand_as(t))  # noqa: E731
-    assert torch.equal(take(out, order), take(r_out, r_order))
-    assert torch.equal(take(out_pos, order), take(r_pos, r_order))
+    r_out, r_pos, r_idx = token_prune_reference(*args, row_mask=inputs["row_mask"], gate=inputs["gate"],
+                                                col_mask=inputs["col_mask"])
+    wb = inputs["wholebody"]
+    if not wb:
+        out, out_pos, index = rtp.official_eager(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])
+        _assert_same_selection(index, out, out_pos, r_idx, r_out, r_pos)
+        return
+    # WholeBody: the official per-group calls against the first keep_g rows of each group of the one-call op.
+    outs, poss, idxs = rtp.official_eager_wholebody(*args[:4], inputs["scale"], wb)
+    for g, (_, keep) in enumerate(wb):
+        sl = slice(g, g + 1)
+        _assert_same_selection(idxs[g], outs[g], poss[g], r_idx[:, sl, :keep], r_out[:, sl, :keep],
+                               r_pos[:, sl, :keep])
 
 
 @pytest.mark.gpu

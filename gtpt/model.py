@@ -213,16 +213,26 @@ class Transformer(nn.Module):
                 valid[g, :len(rows)] = True
             self.register_buffer("_wb_entry_index", index.flatten(), persistent=False)
             self.register_buffer("_wb_entry_rows", valid, persistent=False)
-            # WholeBody fine L3 ranks each group by its sparse + dense rows (6 + 68 / 42 / 6), padding row excluded.
-            # Buffers, not per-call tensors, so the op's row check runs once and never syncs a GPU.
-            for g, nd in enumerate(WHOLEBODY_DENSE_PER_GROUP):
-                rows = torch.ones(1, S + nd, dtype=torch.bool)
-                rows[0, 0] = g != 0
-                self.register_buffer(f"_wb_l3_rows_{g}", rows, persistent=False)
+            # WholeBody fine L3 ranks each group by its sparse + dense rows (6 + 68 / 42 / 6), padding row excluded,
+            # and keeps visual tokens only (columns past the group's own lead). One pruning call serves the three
+            # groups: rows padded to the longest lead (74) and masked; candidate columns start at the shortest
+            # lead (12) and each group masks off the dense tokens ahead of its own visual ones. Buffers, not
+            # per-call tensors, so the op's row check runs once and never syncs a GPU; the column mask is sliced
+            # to the current width (a view).
+            leads = [S + nd for nd in WHOLEBODY_DENSE_PER_GROUP]
+            rows = torch.zeros(G, max(leads), dtype=torch.bool)
+            cols = torch.zeros(G, cfg.num_patches + max(leads), dtype=torch.bool)
+            for g, lead in enumerate(leads):
+                rows[g, :lead] = True
+                cols[g, lead - min(leads):] = True
+            rows[0, 0] = False
+            self.register_buffer("_wb_l3_rows", rows, persistent=False)
+            self.register_buffer("_wb_l3_cols", cols, persistent=False)
 
     # -- pruning helpers ------------------------------------------------------------------------------------------
-    def _prune(self, q, k, tokens, pos, keep, row_mask=None, gate=None):
-        return token_prune(q, k, tokens, pos, keep, self.scale, row_mask=row_mask, gate=gate, backend=self.backend)
+    def _prune(self, q, k, tokens, pos, keep, row_mask=None, gate=None, col_mask=None):
+        return token_prune(q, k, tokens, pos, keep, self.scale, row_mask=row_mask, gate=gate, backend=self.backend,
+                           col_mask=col_mask)
 
     # -- coarse encoder -------------------------------------------------------------------------------------------
     def coarse(self, x: Tensor, pos: Tensor, sparse_tokens: Tensor, keep_rates: Sequence[float]):
@@ -312,15 +322,19 @@ class Transformer(nn.Module):
                     x = torch.cat([x[:, :, :S], kept], dim=2)
                     pos = kept_pos
                 else:
-                    # groups differ in their dense count, so each group is its own pruning call
+                    # Groups differ in their dense count (rows 6 + 68 / 42 / 6, keep target - dense): one call
+                    # with row and column masks (see __init__) keeps max(keep) per group in descending score
+                    # order; each group's first keep_g are exactly its own top keep_g.
+                    R, first = self._wb_l3_rows.shape[1], S + min(WHOLEBODY_DENSE_PER_GROUP)
+                    n_cols = x.size(2) - first
+                    keeps = [target - nd for nd in WHOLEBODY_DENSE_PER_GROUP]
+                    kept, kept_pos, _ = self._prune(q[:, :, :, :R], k[:, :, :, first:], x[:, :, first:],
+                                                    pos[:, :, first - S:], max(keeps), row_mask=self._wb_l3_rows,
+                                                    col_mask=self._wb_l3_cols[:, :n_cols])
                     xs, ps = [], []
                     for g, nd in enumerate(WHOLEBODY_DENSE_PER_GROUP):
-                        lead = S + nd
-                        kept, kept_pos, _ = self._prune(q[:, g:g + 1, :, :lead], k[:, g:g + 1, :, lead:],
-                                                        x[:, g:g + 1, lead:], pos[:, g:g + 1, nd:], target - nd,
-                                                        row_mask=getattr(self, f"_wb_l3_rows_{g}"))
-                        xs.append(torch.cat([x[:, g, :lead], kept[:, 0]], dim=1))
-                        ps.append(torch.cat([pos[:, g, :nd], kept_pos[:, 0]], dim=1))
+                        xs.append(torch.cat([x[:, g, :S + nd], kept[:, g, :keeps[g]]], dim=1))
+                        ps.append(torch.cat([pos[:, g, :nd], kept_pos[:, g, :keeps[g]]], dim=1))
                     x, pos = torch.stack(xs, 1), torch.stack(ps, 1)
             x = ff(x)
         body = x[:, :, :S].flatten(1, 2)[:, 1:]  # drop the padding token: COCO order

@@ -81,7 +81,8 @@ def group_attention_reference(qkv: Tensor, heads: int, num_shared: int, scale: O
     return out.transpose(2, 3).reshape(B, G, N, C)
 
 
-def softmax_pool_scores_reference(q: Tensor, k: Tensor, scale: float, row_mask: Optional[Tensor] = None) -> Tensor:
+def softmax_pool_scores_reference(q: Tensor, k: Tensor, scale: float, row_mask: Optional[Tensor] = None,
+                                  col_mask: Optional[Tensor] = None) -> Tensor:
     """GTPT's softmax-pooled importance score of every key token (Eq. 10 as the official code computes it).
 
     Args:
@@ -90,6 +91,9 @@ def softmax_pool_scores_reference(q: Tensor, k: Tensor, scale: float, row_mask: 
         scale: the attention scale (the logits are the scaled, pre-softmax attention logits).
         row_mask: optional ``(G, R)`` bool, True where a row takes part. Excluded rows get zero weight, like the
             official ``-finfo.max`` / ``-1e5`` padding rows.
+        col_mask: optional ``(G, N)`` bool, True where a column is a candidate of its group. Excluded columns
+            score ``-inf``, so they rank after every candidate (lets groups with different candidate ranges
+            share one call, as WholeBody's fine layer 3 does).
 
     Returns:
         fp32 ``(B, G, N)``: ``score[n] = sum_j softmax_j(a[j, n]) * a[j, n]`` with ``j`` over heads x valid rows.
@@ -105,7 +109,10 @@ def softmax_pool_scores_reference(q: Tensor, k: Tensor, scale: float, row_mask: 
     a = a.reshape(B, G, H * R, N)
     valid = valid.reshape(B, G, H * R, N)
     w = torch.softmax(a.masked_fill(~valid, float("-inf")), dim=2)
-    return torch.where(valid, w * a, torch.zeros_like(a)).sum(dim=2)
+    scores = torch.where(valid, w * a, torch.zeros_like(a)).sum(dim=2)
+    if col_mask is not None:
+        scores = scores.masked_fill(~col_mask.to(device=scores.device, dtype=torch.bool)[None], float("-inf"))
+    return scores
 
 
 def topk_indices_reference(scores: Tensor, keep: int) -> Tensor:
@@ -126,8 +133,8 @@ def gather_tokens_reference(tokens: Tensor, index: Tensor) -> Tensor:
 
 
 def token_prune_reference(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], keep: int, scale: float,
-                          row_mask: Optional[Tensor] = None, gate: Optional[Tensor] = None
-                          ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+                          row_mask: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                          col_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """Score, select and gather: one GTPT pruning site.
 
     Scores come from :func:`softmax_pool_scores_reference` (no gradient flows through them or the selection);
@@ -136,10 +143,12 @@ def token_prune_reference(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Te
     to tokens and position embedding alike).
 
     Returns ``(kept_tokens (B, G, keep, C), kept_pos or None, index (B, G, keep) int64)``, kept tokens in
-    descending score order (ties: lower index first).
+    descending score order (ties: lower index first). With ``col_mask``, a group's excluded columns rank last
+    (in index order): when ``keep`` exceeds a group's candidates they fill the tail of its rows, so the first
+    ``c`` rows are its top ``c`` candidates for any ``c`` up to its candidate count.
     """
     with torch.no_grad():
-        scores = softmax_pool_scores_reference(q, k, scale, row_mask)
+        scores = softmax_pool_scores_reference(q, k, scale, row_mask, col_mask)
         index = topk_indices_reference(scores, keep)
     out = gather_tokens_reference(tokens, index)
     out_pos = gather_tokens_reference(pos, index) if pos is not None else None

@@ -87,6 +87,7 @@ PRUNE_SITES = (
     ("fine-entry", 6, 179, 76, True, True),        # COCO: 6 sparse rows per group (pad row masked), gated
     ("fine-entry-wb", 8, 179, 122, True, True),    # WholeBody: part + body rows padded to 8, keep 128 - 6
     ("fineL3", 6, 76, 25, True, False),            # COCO fine L3: keep 0.1
+    ("fineL3-wb", 74, 122, 70, True, False),       # WholeBody fine L3, one call: rows 74/48/12, col mask, keep 70
 )
 PRUNE_DTYPES = ("float32", "bfloat16")
 PRUNE_DIMS = (128, 192)  # model dim C (head dim C / 8 = 16 / 24)
@@ -250,6 +251,7 @@ def _prune_launch(cfg, tp):
     D = C // H
     meta = dict(dtype=dtype, device="meta")
     pos_emb = torch.empty(1, 256, C, **meta)  # the sine PE parameter, expanded over the batch
+    col_mask = None
     if cfg["site"] == "coarseL3":  # coarse layer 3: [human | 256 visual], G=1
         qkv = torch.empty(B, 1, 1 + N, 3 * C, **meta)
         q, k, _ = split_qkv(qkv, H)
@@ -271,6 +273,16 @@ def _prune_launch(cfg, tp):
         tokens, pos = x[:, None, K:], pos_emb.expand(B, -1, -1)[:, None, :N]
         gate = torch.empty(B, N, G * C, **meta).view(B, N, G, C).transpose(1, 2)
         row_mask = torch.ones(G, R, dtype=torch.bool, device="meta")
+    elif cfg["site"] == "fineL3-wb":  # WholeBody fine L3: (B, 3, 6 + 128, C), candidates from token 12
+        G, first = 3, 12
+        qkv = torch.empty(B, G, first + N, 3 * C, **meta)
+        q_all, k_all, _ = split_qkv(qkv, H)
+        q, k = q_all[:, :, :, :R], k_all[:, :, :, first:]
+        x = torch.empty(B, G, first + N, C, **meta)
+        tokens, pos = x[:, :, first:], torch.empty(B, G, 128, C, **meta)[:, :, first - 6:]
+        gate = None
+        row_mask = torch.ones(G, R, dtype=torch.bool, device="meta")
+        col_mask = torch.ones(G, 256 + R, dtype=torch.bool, device="meta")[:, :N]
     else:  # fine L3 (COCO): (B, 3, 6 + 76, C)
         G, S = 3, 6
         qkv = torch.empty(B, G, S + N, 3 * C, **meta)
@@ -291,10 +303,10 @@ def _prune_launch(cfg, tp):
         scores = q.new_empty((B, q.shape[1], N), dtype=torch.float32)
         if cfg["select"]:
             out, out_pos, index = tp._prune_alloc(q, tokens, pos, gate, keep)
-            tp._launch(q, k, row_mask, C ** -0.5, scores, tokens=tokens, pos=pos, gate=gate, out=out, out_pos=out_pos,
-                       index=index)
+            tp._launch(q, k, row_mask, C ** -0.5, scores, col_mask=col_mask, tokens=tokens, pos=pos, gate=gate,
+                       out=out, out_pos=out_pos, index=index)
         else:
-            tp._launch(q, k, row_mask, C ** -0.5, scores)
+            tp._launch(q, k, row_mask, C ** -0.5, scores, col_mask=col_mask)
     finally:
         tp._prune_kernel, tp._OPAQUE = saved
     (call,) = capture.calls

@@ -120,6 +120,48 @@ def test_wholebody_fine_entry(device):
     assert torch.equal(index, r_idx) and torch.equal(out, r_out) and torch.equal(out_pos, r_pos)
 
 
+def wholebody_l3_masks(R, N, leads, device="cpu"):
+    """WholeBody fine layer 3 in one call: group g ranks by its first ``leads[g]`` rows (row 0 of group 0 is the
+    dummy) and may keep only the columns past its own leading rows (offset by the smallest lead)."""
+    G = len(leads)
+    rows = torch.zeros(G, R, dtype=torch.bool, device=device)
+    cols = torch.zeros(G, N, dtype=torch.bool, device=device)
+    for g, lead in enumerate(leads):
+        rows[g, :lead] = True
+        cols[g, lead - min(leads):] = True
+    rows[0, 0] = False
+    return rows, cols
+
+
+def test_wholebody_fine_l3_col_mask(device):
+    """Three groups with different row counts and candidate ranges (GTPT-S WholeBody: leads 74/48/12 rows,
+    60/86/122 candidates, keeps 8/34/70) in one launch: each group's first keep_g rows are exactly what a
+    separate call on its own rows and candidates keeps, and masked columns only ever fill the tail."""
+    B, H, D, C = 2, 8, 24, 16
+    leads, keeps = (74, 48, 12), (8, 34, 70)
+    R, N = max(leads), 134 - min(leads)
+    rows, cols = wholebody_l3_masks(R, N, leads, device)
+    inp = make_site(B, 3, H, R, D, N, C, k_groups=3, tok_groups=3, row_mask=rows, device=device, seed=21)
+    out, out_pos, index = token_prune(inp["q"], inp["k"], inp["tokens"], inp["pos"], max(keeps), SCALE,
+                                      row_mask=rows, col_mask=cols, backend="triton")
+    r_out, r_pos, r_idx = token_prune_reference(inp["q"], inp["k"], inp["tokens"], inp["pos"], max(keeps), SCALE,
+                                                rows, col_mask=cols)
+    assert torch.equal(index, r_idx) and torch.equal(out, r_out) and torch.equal(out_pos, r_pos)
+    scores = softmax_pool_scores(inp["q"], inp["k"], SCALE, rows, backend="triton", col_mask=cols)
+    s64 = softmax_pool_scores_reference(inp["q"].double(), inp["k"].double(), SCALE, rows, cols)
+    assert torch.equal(torch.isinf(scores), ~cols.expand(B, -1, -1))
+    assert_close(scores[:, cols], s64[:, cols], rtol=1e-5, what="scores")
+    for g, (lead, keep) in enumerate(zip(leads, keeps)):
+        off = lead - min(leads)
+        sep = token_prune_reference(inp["q"][:, g:g + 1, :, :lead], inp["k"][:, g:g + 1, :, off:],
+                                    inp["tokens"][:, g:g + 1, off:], inp["pos"][:, g:g + 1, off:], keep, SCALE,
+                                    rows[g:g + 1, :lead])
+        assert torch.equal(index[:, g, :keep], sep[2][:, 0] + off)
+        assert torch.equal(out[:, g, :keep], sep[0][:, 0]) and torch.equal(out_pos[:, g, :keep], sep[1][:, 0])
+    # Group 0 has 60 candidates and keeps 70 slots: the last 10 are its excluded columns, lowest index first.
+    assert torch.equal(index[:, 0, 60:], torch.arange(10, device=device).expand(B, 10))
+
+
 # Odd sizes: (B, G, H, R, D, N, C, k_groups, tok_groups, keep, row_mask, gate, pos)
 ODD = [
     (1, 1, 2, 1, 16, 1, 8, 1, 1, 1, False, False, True),     # N = 1
@@ -347,12 +389,15 @@ def test_opcheck(device):
     inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, gate=True, row_mask=dummy_row_mask(3, 2, device),
                     device=device, seed=13)
     tokens = inp["tokens"].detach().clone().requires_grad_(True)
-    args = (inp["q"], inp["k"], tokens, inp["pos"], inp["gate"], inp["row_mask"], 4, SCALE)
-    torch.library.opcheck(torch.ops.gtpt_kernels.token_prune.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.gtpt_kernels.softmax_pool_scores.default,
-                          (inp["q"], inp["k"], inp["row_mask"], SCALE),
-                          test_utils=("test_schema", "test_faketensor"))
+    col_mask = torch.ones(3, 9, dtype=torch.bool, device=device)
+    col_mask[1, :2] = False
+    for cm in (None, col_mask):
+        args = (inp["q"], inp["k"], tokens, inp["pos"], inp["gate"], inp["row_mask"], cm, 4, SCALE)
+        torch.library.opcheck(torch.ops.gtpt_kernels.token_prune.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        torch.library.opcheck(torch.ops.gtpt_kernels.softmax_pool_scores.default,
+                              (inp["q"], inp["k"], inp["row_mask"], cm, SCALE),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_keep_count():
@@ -416,6 +461,11 @@ def test_errors(device):
         call(k=k.to("meta"))
     with pytest.raises(ValueError):
         softmax_pool_scores(q, k.transpose(1, 2), SCALE, backend="triton")
+    for bad_cols in (torch.ones(3, 8, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool), torch.ones(3, 9)):
+        with pytest.raises(ValueError, match="col_mask"):
+            call(col_mask=bad_cols.to(device))
+        with pytest.raises(ValueError, match="col_mask"):
+            softmax_pool_scores(q, k, SCALE, backend="triton", col_mask=bad_cols.to(device))
 
 
 @pytest.mark.gpu

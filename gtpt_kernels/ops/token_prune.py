@@ -37,18 +37,43 @@ except Exception:  # pragma: no cover - triton missing: only the reference backe
 
 if triton is not None:
 
+    _UNROLL_ROWS = tl.constexpr(16)
+
+    @triton.jit
+    def _pool_row(m, z, w, kt, q_row, mask_row, offs_d, d_ok, sq_d, scale, HAS_MASK: tl.constexpr):
+        """Fold one query row into the running (max, sum exp, sum exp * logit) of every column of ``kt``.
+
+        Excluded rows are skipped outright (a runtime branch): with a mask that leaves groups different row
+        counts (WholeBody fine L3: 73 / 48 / 12 of 74 rows), each group pays only for its own rows."""
+        row_on = True
+        if HAS_MASK:
+            row_on = tl.load(mask_row) != 0
+        if row_on:
+            qr = tl.load(q_row + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
+            # Same operation order as the reference: (q . k) then * scale.
+            a = tl.sum(kt * qr[None, :], axis=1) * scale
+            m_new = tl.maximum(m, a)
+            # m_new is -inf only for -inf logits; exp(-inf - -inf) would be NaN, so shift by 0 then.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(a - m_safe)
+            z = z * alpha + p
+            w = w * alpha + p * a
+            m = m_new
+        return m, z, w
+
     @triton.jit
     def _prune_kernel(
-        q_ptr, k_ptr, mask_ptr, tok_ptr, pos_ptr, gate_ptr,
+        q_ptr, k_ptr, mask_ptr, col_mask_ptr, tok_ptr, pos_ptr, gate_ptr,
         scores_ptr, out_ptr, out_pos_ptr, idx_ptr,
         G, H, N, D, C, K, scale,
         sq_b, sq_g, sq_h, sq_r, sq_d,
         sk_b, sk_g, sk_h, sk_n, sk_d,
-        sm_g, sm_r,
+        sm_g, sm_r, scm_g, scm_n,
         st_b, st_g, st_n, st_c,
         sp_b, sp_g, sp_n, sp_c,
         sgt_b, sgt_g, sgt_n, sgt_c,
-        R: tl.constexpr, HAS_MASK: tl.constexpr, SELECT: tl.constexpr,
+        R: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -82,26 +107,22 @@ if triton is not None:
                 # numerics and the interpreter's broken bf16 tl.dot out of the picture).
                 kt = tl.load(k_base + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
                              mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                # R (query rows, <= 8 at GTPT's sites) is a constexpr so this loop unrolls and the compiler can
-                # issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
-                for r in tl.static_range(R):
-                    qr = tl.load(q_base + h * sq_h + r * sq_r + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
-                    # Same operation order as the reference: (q . k) then * scale.
-                    a = tl.sum(kt * qr[None, :], axis=1) * scale
-                    if HAS_MASK:
-                        valid = tl.load(mask_ptr + g * sm_g + r * sm_r) != 0
-                        a_in = tl.where(valid, a, float("-inf"))
-                    else:
-                        a_in = a
-                    m_new = tl.maximum(m, a_in)
-                    # Until the first valid row m_new is -inf; exp(-inf - -inf) would be NaN, so shift by 0.
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m - m_safe)
-                    p = tl.exp(a_in - m_safe)  # 0 for excluded rows
-                    z = z * alpha + p
-                    w = w * alpha + p * a
-                    m = m_new
+                # Few rows (R <= 8 at every COCO site): the row loop unrolls (R is a constexpr), so the compiler
+                # can issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
+                # Many rows (WholeBody fine L3: 74): a plain loop, which keeps code size and registers bounded.
+                if R <= _UNROLL_ROWS:
+                    for r in tl.static_range(R):
+                        m, z, w = _pool_row(m, z, w, kt, q_base + h * sq_h + r * sq_r, mask_ptr + g * sm_g + r * sm_r,
+                                            offs_d, d_ok, sq_d, scale, HAS_MASK)
+                else:
+                    for r in range(R):
+                        m, z, w = _pool_row(m, z, w, kt, q_base + h * sq_h + r * sq_r, mask_ptr + g * sm_g + r * sm_r,
+                                            offs_d, d_ok, sq_d, scale, HAS_MASK)
             s = w / z  # z >= 1 for real columns: every group has a valid row (checked on the host)
+            if HAS_COL_MASK:
+                # Columns a group may not keep score -inf: they rank after every candidate, in index order.
+                col_on = tl.load(col_mask_ptr + g * scm_g + cols * scm_n, mask=c_ok, other=0) != 0
+                s = tl.where(col_on, s, float("-inf"))
             # -0.0 and +0.0 compare equal (the reference's stable sort keeps index order between them) but their
             # bit keys below differ, so canonicalise.
             s = tl.where(s == 0.0, 0.0, s)
@@ -193,7 +214,7 @@ def _group_stride(t: Tensor) -> int:
 
 
 def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
-            tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+            col_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
     """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
     ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
@@ -209,20 +230,22 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     sp = (pos.stride(0), _group_stride(pos), pos.stride(2), pos.stride(3)) if pos is not None else (0,) * 4
     sg = (gate.stride(0), gate.stride(1), gate.stride(2), gate.stride(3)) if gate is not None else (0,) * 4
     sm = (row_mask.stride(0), row_mask.stride(1)) if row_mask is not None else (0, 0)
+    col_t = col_mask.view(torch.uint8) if col_mask is not None else dummy
+    scm = (col_mask.stride(0), col_mask.stride(1)) if col_mask is not None else (0, 0)
     BLOCK_N = max(2, _next_pow2(N))
     # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
     BLOCK_K = min(32, max(2, _next_pow2(K)))
     BLOCK_C = min(64, max(2, _next_pow2(C)))
     kernel = _prune_kernel if _OPAQUE else torch.library.wrap_triton(_prune_kernel)
     kernel[(B * G,)](
-        q, k, mask_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
+        q, k, mask_t, col_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
         scores, out if select else dummy,
         out_pos if pos is not None else dummy, index if select else dummy,
         G, H, N, D, C, K, float(scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
-        sm[0], sm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
-        R=R, HAS_MASK=row_mask is not None, SELECT=select,
+        sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
+        R=R, HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
@@ -273,34 +296,36 @@ def _prune_alloc(q: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optiona
     return out, out_pos, index
 
 
-def _scores_fake(q, k, row_mask, scale):
+def _scores_fake(q, k, row_mask, col_mask, scale):
     return q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
 
 
-def _prune_fake(q, k, tokens, pos, gate, row_mask, keep, scale):
+def _prune_fake(q, k, tokens, pos, gate, row_mask, col_mask, keep, scale):
     return _prune_alloc(q, tokens, pos, gate, keep)
 
 
 @_register("gtpt_kernels::softmax_pool_scores", _scores_fake)
-def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float) -> Tensor:
+def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], col_mask: Optional[Tensor],
+                            scale: float) -> Tensor:
     scores = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
-    _launch(q, k, row_mask, scale, scores)
+    _launch(q, k, row_mask, scale, scores, col_mask=col_mask)
     return scores
 
 
 @_register("gtpt_kernels::token_prune", _prune_fake)
 def _token_prune_op(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
-                    row_mask: Optional[Tensor], keep: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                    row_mask: Optional[Tensor], col_mask: Optional[Tensor], keep: int,
+                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     out, out_pos, index = _prune_alloc(q, tokens, pos, gate, keep)
     # fp32 score scratch for the in-kernel rank count (B*G*N*4 bytes, small next to the gathered rows).
     scratch = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
-    _launch(q, k, row_mask, scale, scratch, tokens=tokens, pos=pos, gate=gate, out=out,
+    _launch(q, k, row_mask, scale, scratch, col_mask=col_mask, tokens=tokens, pos=pos, gate=gate, out=out,
             out_pos=out_pos if pos is not None else None, index=index)
     return out, out_pos, index
 
 
 def _prune_setup_context(ctx, inputs, output):
-    q, k, tokens, pos, gate, row_mask, keep, scale = inputs
+    q, k, tokens, pos, gate, row_mask, col_mask, keep, scale = inputs
     index = output[2]
     ctx.N = tokens.shape[2]
     ctx.tok_meta = (tokens.shape[1], tokens.dtype)
@@ -352,7 +377,7 @@ def _prune_backward(ctx, d_out, d_out_pos, d_index):
         if parts:
             v = parts[0] if len(parts) == 1 else parts[0] + parts[1]
             d_gate = _scatter_rows(v, index, ctx.N, G, gate.dtype)
-    return None, None, d_tokens, d_pos, d_gate, None, None, None
+    return None, None, d_tokens, d_pos, d_gate, None, None, None, None
 
 
 def _gather_rows(t: Tensor, index: Tensor) -> Tensor:
@@ -380,7 +405,8 @@ def keep_count(keep_rate: float, num_tokens: int = 256, num_dense: int = 0) -> i
     return k
 
 
-def _check_scores_inputs(q: Tensor, k: Tensor, row_mask: Optional[Tensor]) -> None:
+def _check_scores_inputs(q: Tensor, k: Tensor, row_mask: Optional[Tensor],
+                         col_mask: Optional[Tensor] = None) -> None:
     if q.dim() != 5 or k.dim() != 5:
         raise ValueError(f"q must be (B, G, H, R, D) and k (B, G or 1, H, N, D); got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
@@ -396,6 +422,11 @@ def _check_scores_inputs(q: Tensor, k: Tensor, row_mask: Optional[Tensor]) -> No
             raise ValueError(f"row_mask must be a bool tensor of shape ({G}, {R}), got {row_mask.dtype} "
                              f"{tuple(row_mask.shape)}")
         _check_mask_rows(row_mask)
+    if col_mask is not None:
+        N = k.shape[3]
+        if col_mask.shape != (G, N) or col_mask.dtype != torch.bool:
+            raise ValueError(f"col_mask must be a bool tensor of shape ({G}, {N}), got {col_mask.dtype} "
+                             f"{tuple(col_mask.shape)}")
 
 
 # Masks that passed the "every group keeps a row" check, by id -> (weakref, version counter). The check reads
@@ -432,22 +463,25 @@ def _mask_on(row_mask: Optional[Tensor], device: torch.device) -> Optional[Tenso
 
 
 def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[Tensor] = None,
-                        backend: Optional[str] = None) -> Tensor:
-    """fp32 softmax-pooled scores ``(B, G, N)``; see :func:`gtpt_kernels.reference.softmax_pool_scores_reference`.
+                        backend: Optional[str] = None, col_mask: Optional[Tensor] = None) -> Tensor:
+    """fp32 softmax-pooled scores ``(B, G, N)``; see :func:`gtpt_kernels.reference.softmax_pool_scores_reference`
+    (``col_mask``: excluded columns score ``-inf``).
 
     The Triton backend (the scoring half of :func:`token_prune`'s kernel) is not differentiable: its result never
     requires grad. Use ``backend="reference"`` to backpropagate through the scores."""
-    _check_scores_inputs(q, k, row_mask)
+    _check_scores_inputs(q, k, row_mask, col_mask)
     name = resolve_backend(backend, q.device)
     if name == "triton":
         # The Triton scores are not differentiable (GTPT never backpropagates through them).
-        return _softmax_pool_scores_op(q.detach(), k.detach(), _mask_on(row_mask, q.device), float(scale))
-    return softmax_pool_scores_reference(q, k, scale, row_mask)
+        return _softmax_pool_scores_op(q.detach(), k.detach(), _mask_on(row_mask, q.device),
+                                       _mask_on(col_mask, q.device), float(scale))
+    return softmax_pool_scores_reference(q, k, scale, row_mask, col_mask)
 
 
 def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], keep: int, scale: float,
                 row_mask: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-                backend: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+                backend: Optional[str] = None, col_mask: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """One GTPT pruning site: score the N candidate tokens, keep the best ``keep`` per (batch, group), gather
     them (and their position embeddings), optionally gated. See
     :func:`gtpt_kernels.reference.token_prune_reference`.
@@ -455,8 +489,11 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     Triton backend: one kernel launch; deterministic (ties: lower index first); gradients flow to ``tokens``,
     ``pos`` and ``gate`` through an index scatter, never to ``q`` / ``k``. ``row_mask`` is best passed on the
     inputs' device (a CPU mask is copied every call); its "every group keeps a row" check runs once per mask
-    tensor (and not at all under ``torch.compile`` or CUDA graph capture)."""
-    _check_scores_inputs(q, k, row_mask)
+    tensor (and not at all under ``torch.compile`` or CUDA graph capture). ``col_mask`` ``(G, N)`` bool marks
+    each group's candidate columns; excluded ones rank after all candidates (in index order), so with ``keep``
+    above a group's candidate count they fill the tail of its rows - slice each group's first rows, as GTPT's
+    WholeBody fine layer 3 does to prune three groups with different candidate ranges in one launch."""
+    _check_scores_inputs(q, k, row_mask, col_mask)
     B, G = q.shape[:2]
     N = k.shape[3]
     _check_tokens("tokens", tokens, B, G, N, q.device)
@@ -480,9 +517,10 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     if name == "triton":
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
         out, out_pos, index = _token_prune_op(q.detach(), k.detach(), tokens, pos, gate,
-                                              _mask_on(row_mask, q.device), keep, float(scale))
+                                              _mask_on(row_mask, q.device), _mask_on(col_mask, q.device), keep,
+                                              float(scale))
         return out, (out_pos if pos is not None else None), index
-    return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate)
+    return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate, col_mask)
 
 
 class TokenPrune(nn.Module):
@@ -492,8 +530,9 @@ class TokenPrune(nn.Module):
         super().__init__()
         self.keep, self.scale, self.backend = keep, scale, backend
 
-    def forward(self, q, k, tokens, pos=None, row_mask=None, gate=None):
-        return token_prune(q, k, tokens, pos, self.keep, self.scale, row_mask, gate, backend=self.backend)
+    def forward(self, q, k, tokens, pos=None, row_mask=None, gate=None, col_mask=None):
+        return token_prune(q, k, tokens, pos, self.keep, self.scale, row_mask, gate, backend=self.backend,
+                           col_mask=col_mask)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, scale={self.scale:.6g}"
