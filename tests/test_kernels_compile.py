@@ -201,6 +201,11 @@ class _Sm90Driver:
     def is_active(self):
         return True
 
+    def get_benchmarker(self):  # looked up at import by some triton / torch versions, never called here
+        def benchmark(*args, **kwargs):
+            raise RuntimeError("no GPU: the sm_90 stand-in driver cannot run kernels")
+        return benchmark
+
 
 def _use_sm90_driver():
     from triton.runtime import driver
