@@ -73,3 +73,42 @@ def test_eval_triton_is_deterministic():
     with torch.no_grad():
         a, b = model(x), model(x)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("variant", ["gtpt-t", "gtpt-t-wholebody"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_model_compiles_fullgraph(variant, backend):
+    """The whole model traces as one graph (no graph break anywhere: the pruning bookkeeping, the WholeBody
+    per-group assembly, the op calls) and the compiled model gives the eager outputs. Dynamo with the ``eager``
+    backend (no Inductor / C++ toolchain on CPU CI); on a GPU the ops are triton_ops Inductor decomposes
+    (tests/test_op_tracing.py)."""
+    torch._dynamo.reset()
+    model = narrow(variant).eval().set_backend(backend)
+    x = torch.randn(1, 3, 256, 192, device=DEVICE)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True, backend="eager")(x)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_train_step_compiles_fullgraph_aot():
+    """A training step (student and teacher passes, backward through every custom op's autograd formula) under
+    torch.compile(fullgraph=True) with AOTAutograd (``aot_eager``): same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    model = narrow("gtpt-t").train().set_backend("triton")
+    x = torch.randn(1, 3, 256, 192, device=DEVICE)
+    eager_out, eager_grads = run(model, x, "triton")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    out = compiled(x)
+    loss = sum((o.float().log_softmax(-1) * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() for o in out)
+    loss.backward()
+    for a, b in zip(out, eager_out):
+        assert_close(a.detach(), b, rtol=1e-5, what="compiled outputs")
+    params = dict(model.named_parameters())
+    zero_grad = {n + ".bias" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}  # see above
+    for name, g in eager_grads.items():
+        assert params[name].grad is not None, name
+        if name not in zero_grad:
+            assert_close(params[name].grad, g, rtol=1e-4, what=f"compiled grad {name}")
