@@ -39,7 +39,7 @@ def test_eager_baseline_matches_reference(site):
     inputs = rtp.make_inputs(rtp.SITES[site], 2, torch.float32, "cpu", seed=1)
     args = (inputs["q"], inputs["k"], inputs["tokens"], inputs["pos"], inputs["keep"], inputs["scale"])
     r_out, r_pos, r_idx = token_prune_reference(*args, row_mask=inputs["row_mask"], gate=inputs["gate"],
-                                                col_mask=inputs["col_mask"])
+                                                col_mask=inputs["col_mask"], gate_logits=inputs["gate"] is not None)
     wb = inputs["wholebody"]
     if not wb:
         out, out_pos, index = rtp.official_eager(*args, row_mask=inputs["row_mask"], gate=inputs["gate"])

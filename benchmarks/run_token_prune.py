@@ -7,8 +7,9 @@ Implementations (same inputs, same dtype; q / k are strided views of packed ``to
 * ``fused``    - :func:`gtpt_kernels.token_prune` with ``backend="triton"`` (one launch).
 * ``eager``    - the official code's sequence (``Transformer.softmax_pool`` + the prune blocks): logits einsum,
   scale, masked dummy row (``-finfo.max``), softmax pooling over heads x rows, ``topk``, the index repeated to
-  ``(B, G, K, C)``, ``torch.gather`` of x and pos; at the fine entry the channel gate multiplies all N tokens and
-  their PE before the gather, as the official code does.
+  ``(B, G, K, C)``, ``torch.gather`` of x and pos; at the fine entry the channel mask's Sigmoid and the gate
+  multiply run over all N tokens and their PE before the gather, as the official code does (the fused op takes
+  the mask logits and applies both to the kept rows only).
 * ``compiled`` - ``torch.compile`` of ``eager`` (mode from ``--compile-mode``).
 
 Prints a table of microseconds per call, the fused kernel's speed-up over each baseline and the number of GPU
@@ -86,7 +87,7 @@ def make_inputs(site: Site, B: int, dtype: torch.dtype, device: str, seed: int =
     k = split_qkv(qkv_k, H)[1]
     tokens = rnd(B, site.k_groups, site.N, C)
     pos = rnd(B, site.k_groups, site.N, C)
-    gate = torch.rand(B, site.G, site.N, C, generator=gen).to(device=device, dtype=dtype) if site.gate else None
+    gate = rnd(B, site.G, site.N, C) if site.gate else None  # channel-mask logits (the sigmoid is part of the op)
     row_mask = col_mask = None
     if site.dummy_row:
         row_mask = torch.ones(site.G, site.R, dtype=torch.bool, device=device)
@@ -111,7 +112,9 @@ def make_inputs(site: Site, B: int, dtype: torch.dtype, device: str, seed: int =
 
 
 def official_eager(q, k, tokens, pos, keep, scale, row_mask=None, gate=None):
-    """The official GTPT sequence for one pruning site (what the fused kernel replaces)."""
+    """The official GTPT sequence for one pruning site (what the fused kernel replaces). ``gate``: the channel
+    mask's logits; the official mask MLP ends in a Sigmoid over all N tokens, which the fused op takes over (for
+    the kept rows only), so it is part of this sequence."""
     B, G, H, R, D = q.shape
     N, C = k.shape[3], tokens.shape[3]
     dots = torch.einsum("bghrd,bghnd->bghrn", q, k.expand(B, G, H, N, D)) * scale
@@ -121,6 +124,7 @@ def official_eager(q, k, tokens, pos, keep, scale, row_mask=None, gate=None):
     score = (a.softmax(dim=2) * a).sum(dim=2)
     index = score.topk(keep, dim=-1).indices
     if gate is not None:  # official order: the channel mask gates all N tokens and their PE, then the gather
+        gate = torch.sigmoid(gate)
         tokens = tokens * gate
         pos = pos * gate
     idx = index.unsqueeze(-1).repeat(1, 1, 1, C)
@@ -150,7 +154,7 @@ def official_eager_wholebody(q, k, tokens, pos, scale, groups):
 
 def fused(q, k, tokens, pos, keep, scale, row_mask=None, gate=None, col_mask=None):
     return token_prune(q, k, tokens, pos, keep, scale, row_mask=row_mask, gate=gate, backend="triton",
-                       col_mask=col_mask)
+                       col_mask=col_mask, gate_logits=gate is not None)
 
 
 def make_callables(inputs: dict, compile_mode: Optional[str] = "default",

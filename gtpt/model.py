@@ -230,9 +230,10 @@ class Transformer(nn.Module):
             self.register_buffer("_wb_l3_cols", cols, persistent=False)
 
     # -- pruning helpers ------------------------------------------------------------------------------------------
-    def _prune(self, q, k, tokens, pos, keep, row_mask=None, gate=None, col_mask=None):
-        return token_prune(q, k, tokens, pos, keep, self.scale, row_mask=row_mask, gate=gate, backend=self.backend,
-                           col_mask=col_mask)
+    def _prune(self, q, k, tokens, pos, keep, row_mask=None, gate_logits=None, col_mask=None):
+        # The channel mask's gate goes in as the mask MLP's logits: the op takes the sigmoid of the kept rows only.
+        return token_prune(q, k, tokens, pos, keep, self.scale, row_mask=row_mask, gate=gate_logits,
+                           backend=self.backend, col_mask=col_mask, gate_logits=gate_logits is not None)
 
     # -- coarse encoder -------------------------------------------------------------------------------------------
     def coarse(self, x: Tensor, pos: Tensor, sparse_tokens: Tensor, keep_rates: Sequence[float]):
@@ -272,7 +273,9 @@ class Transformer(nn.Module):
         sparse = torch.cat([body[:, :1], body], dim=1).view(B, G, S, C)
         img = x[:, K:]
         n = img.size(1)
-        gate = self.group_mask(img).view(B, n, G, C).transpose(1, 2)  # (B, G, n, C) channel mask per group
+        # (B, G, n, C) channel-mask logits per group: group_mask without its final Sigmoid, which the pruning op
+        # applies to the kept rows (or group_mask[-1] below, when nothing is pruned)
+        logits = self.group_mask[:-1](img).view(B, n, G, C).transpose(1, 2)
         target = int(cfg.num_patches * keep_rate)
         q, k, _ = split_qkv(qkv, H)  # logits of the last coarse layer rank the visual tokens
         k_img = k[:, :, :, K:]
@@ -281,8 +284,9 @@ class Transformer(nn.Module):
                 q_rows = torch.cat([q.new_zeros(B, 1, H, 1, D), q[:, :, :, :K]], dim=3)  # dummy row in front
                 q_rows = q_rows.view(B, H, G, S, D).transpose(1, 2)
                 img_g, pos_g, _ = self._prune(q_rows, k_img, img[:, None], pos[:, None], target,
-                                              row_mask=self._coco_rows, gate=gate)
+                                              row_mask=self._coco_rows, gate_logits=logits)
             else:
+                gate = self.group_mask[-1](logits)
                 img_g, pos_g = img[:, None] * gate, pos[:, None] * gate
             return torch.cat([sparse, img_g], dim=2), pos_g
 
@@ -291,7 +295,7 @@ class Transformer(nn.Module):
         keeps = [target - nd for nd in WHOLEBODY_DENSE_PER_GROUP]
         q_rows = q[:, 0].index_select(2, self._wb_entry_index).view(B, H, G, -1, D).transpose(1, 2)
         img_g, pos_g, _ = self._prune(q_rows, k_img, img[:, None], pos[:, None], max(keeps),
-                                      row_mask=self._wb_entry_rows, gate=gate)
+                                      row_mask=self._wb_entry_rows, gate_logits=logits)
         part = x[:, :P]
         dense = [part[:, 0:1].expand(B, 68, C),
                  torch.cat([part[:, 1:2].expand(B, 21, C), part[:, 2:3].expand(B, 21, C)], 1),

@@ -134,7 +134,8 @@ def gather_tokens_reference(tokens: Tensor, index: Tensor) -> Tensor:
 
 def token_prune_reference(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], keep: int, scale: float,
                           row_mask: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-                          col_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+                          col_mask: Optional[Tensor] = None, gate_logits: bool = False
+                          ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """Score, select and gather: one GTPT pruning site.
 
     Scores come from :func:`softmax_pool_scores_reference` (no gradient flows through them or the selection);
@@ -145,13 +146,16 @@ def token_prune_reference(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Te
     Returns ``(kept_tokens (B, G, keep, C), kept_pos or None, index (B, G, keep) int64)``, kept tokens in
     descending score order (ties: lower index first). With ``col_mask``, a group's excluded columns rank last
     (in index order): when ``keep`` exceeds a group's candidates they fill the tail of its rows, so the first
-    ``c`` rows are its top ``c`` candidates for any ``c`` up to its candidate count.
+    ``c`` rows are its top ``c`` candidates for any ``c`` up to its candidate count. ``gate_logits=True``: ``gate``
+    holds pre-sigmoid logits; the gate is ``torch.sigmoid(gate)`` (GTPT's channel mask ends in a Sigmoid).
     """
     with torch.no_grad():
         scores = softmax_pool_scores_reference(q, k, scale, row_mask, col_mask)
         index = topk_indices_reference(scores, keep)
     out = gather_tokens_reference(tokens, index)
     out_pos = gather_tokens_reference(pos, index) if pos is not None else None
+    if gate is not None and gate_logits:
+        gate = torch.sigmoid(gate)
     if gate is not None:
         g = gather_tokens_reference(gate, index)
         out = out * g

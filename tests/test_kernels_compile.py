@@ -308,8 +308,9 @@ def _prune_launch(cfg, tp):
         scores = q.new_empty((B, q.shape[1], N), dtype=torch.float32)
         if cfg["select"]:
             out, out_pos, index = tp._prune_alloc(q, tokens, pos, gate, keep)
+            # The model passes the channel-mask logits (sigmoid fused) wherever it gates.
             tp._launch(q, k, row_mask, C ** -0.5, scores, col_mask=col_mask, tokens=tokens, pos=pos, gate=gate,
-                       out=out, out_pos=out_pos, index=index)
+                       out=out, out_pos=out_pos, index=index, gate_sigmoid=gate is not None)
         else:
             tp._launch(q, k, row_mask, C ** -0.5, scores, col_mask=col_mask)
     finally:

@@ -103,7 +103,8 @@ def _worker(out_path):
         "mhga_backward": (lambda g_, x, o, l: torch.ops.gtpt.group_attention_backward(g_, x, o, l, H, 6, scale, True,
                                                                                       "ieee"), (out, qkv, out, lse)),
         "token_prune": (lambda *a: token_prune(*a[:4], 70, scale, row_mask=a[4], gate=a[5], col_mask=a[6],
-                                               backend="triton"), (q, k, tokens, pos, rows, gate, cols)),
+                                               gate_logits=True, backend="triton"),
+                        (q, k, tokens, pos, rows, gate, cols)),
         "softmax_pool_scores": (lambda a, b_, r: softmax_pool_scores(a, b_, scale, r, backend="triton"), (q, k, rows)),
     }
     for name, (fn, args) in cases.items():

@@ -346,6 +346,41 @@ def test_gradients_match_reference(dtype, gate, device):
     assert (row_norm[~kept] == 0).all() and (row_norm[kept] > 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_gate_logits_fused_sigmoid(dtype, device):
+    """gate_logits=True: the kernel applies the sigmoid to the kept gate rows itself. Same selection; rows and
+    gradients (tokens, pos and the logits, through sigmoid_backward) match the reference, which takes
+    torch.sigmoid of the whole gate first. The kernel's sigmoid may differ from torch's by an ulp (a different
+    exp), hence closeness instead of bit equality."""
+    inp, leaves = _grad_case(dtype, device, gate=True, seed=12)
+    with torch.no_grad():
+        leaves["gate"].normal_(0.0, 3.0)  # logits spanning the sigmoid's range
+    keep = 17
+    gen = torch.Generator().manual_seed(11)
+    w_out = torch.randn(2, 3, keep, 12, generator=gen).to(device)
+    w_pos = torch.randn(2, 3, keep, 12, generator=gen).to(device)
+    kern = lambda *a: token_prune(*a, backend="triton", gate_logits=True)  # noqa: E731
+    ref = lambda *a: token_prune_reference(*a, gate_logits=True)  # noqa: E731
+    args = {**inp, **leaves}
+    call = (args["q"], args["k"], args["tokens"], args["pos"], keep, SCALE, args["row_mask"], args["gate"])
+    k_out, k_pos, k_idx = kern(*call)
+    r_out, r_pos, r_idx = ref(*call)
+    assert torch.equal(k_idx, r_idx)
+    assert_close(k_out, r_out, what="gated tokens")
+    assert_close(k_pos, r_pos, what="gated pos")
+    idx_k, g_k = _grads(kern, inp, leaves, keep, w_out, w_pos)
+    idx_r, g_r = _grads(ref, inp, leaves, keep, w_out, w_pos)
+    for name in leaves:
+        assert g_k[name].dtype == leaves[name].dtype and g_k[name].shape == leaves[name].shape
+        assert_close(g_k[name], g_r[name], what=f"grad of {name}")
+    # Only the kept rows of the logits get a gradient.
+    kept = torch.zeros(2, 3, 37, dtype=torch.bool, device=device)
+    kept.scatter_(2, idx_k, True)
+    assert (g_k["gate"].abs().sum(-1)[~kept] == 0).all() and (g_k["gate"].abs().sum(-1)[kept] > 0).all()
+    with pytest.raises(ValueError, match="gate_logits"):
+        token_prune(*call[:7], None, backend="triton", gate_logits=True)
+
+
 def test_no_grad_to_q_k_and_pos_none(device):
     inp, leaves = _grad_case(torch.float32, device)
     q = inp["q"].detach().clone().requires_grad_(True)
@@ -392,7 +427,7 @@ def test_opcheck(device):
     col_mask = torch.ones(3, 9, dtype=torch.bool, device=device)
     col_mask[1, :2] = False
     for cm in (None, col_mask):
-        args = (inp["q"], inp["k"], tokens, inp["pos"], inp["gate"], inp["row_mask"], cm, 4, SCALE)
+        args = (inp["q"], inp["k"], tokens, inp["pos"], inp["gate"], inp["row_mask"], cm, 4, SCALE, cm is not None)
         torch.library.opcheck(torch.ops.gtpt_kernels.token_prune.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
         torch.library.opcheck(torch.ops.gtpt_kernels.softmax_pool_scores.default,

@@ -75,6 +75,7 @@ if triton is not None:
         sgt_b, sgt_g, sgt_n, sgt_c,
         R: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
+        GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -179,6 +180,13 @@ if triton is not None:
                     x = tl.load(tok_base + src[:, None] * st_n + cols[None, :] * st_c, mask=mk, other=0.0)
                     if HAS_GATE:
                         gv = tl.load(gate_base + src[:, None] * sgt_n + cols[None, :] * sgt_c, mask=mk, other=0.0)
+                        if GATE_SIGMOID:
+                            # The gate arrives as the mask MLP's logits: sigmoid of the kept rows only, rounded to
+                            # the gate dtype as torch.sigmoid's output would be (fp64 stays fp64).
+                            if GATE_F64:
+                                gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float64)))).to(gate_ptr.dtype.element_ty)
+                            else:
+                                gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float32)))).to(gate_ptr.dtype.element_ty)
                         # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
                         # product is exact, so the result is bit-identical to PyTorch's correctly rounded
                         # half-precision multiply (and avoids the interpreter's bf16 arithmetic).
@@ -215,7 +223,8 @@ def _group_stride(t: Tensor) -> int:
 
 def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
             col_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-            out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None) -> None:
+            out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None,
+            gate_sigmoid: bool = False) -> None:
     """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
     ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
     B, G, H, R, D = q.shape
@@ -247,6 +256,7 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
         sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
         R=R, HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
+        GATE_SIGMOID=gate is not None and gate_sigmoid, GATE_F64=gate is not None and gate.dtype == torch.float64,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
         BLOCK_S=min(_SCORE_BLOCK, BLOCK_N), BLOCK_R=min(_RANK_BLOCK, BLOCK_N), BLOCK_M=32,
@@ -300,7 +310,7 @@ def _scores_fake(q, k, row_mask, col_mask, scale):
     return q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
 
 
-def _prune_fake(q, k, tokens, pos, gate, row_mask, col_mask, keep, scale):
+def _prune_fake(q, k, tokens, pos, gate, row_mask, col_mask, keep, scale, gate_sigmoid):
     return _prune_alloc(q, tokens, pos, gate, keep)
 
 
@@ -314,23 +324,24 @@ def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], co
 
 @_register("gtpt_kernels::token_prune", _prune_fake)
 def _token_prune_op(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
-                    row_mask: Optional[Tensor], col_mask: Optional[Tensor], keep: int,
-                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                    row_mask: Optional[Tensor], col_mask: Optional[Tensor], keep: int, scale: float,
+                    gate_sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor]:
     out, out_pos, index = _prune_alloc(q, tokens, pos, gate, keep)
     # fp32 score scratch for the in-kernel rank count (B*G*N*4 bytes, small next to the gathered rows).
     scratch = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
     _launch(q, k, row_mask, scale, scratch, col_mask=col_mask, tokens=tokens, pos=pos, gate=gate, out=out,
-            out_pos=out_pos if pos is not None else None, index=index)
+            out_pos=out_pos if pos is not None else None, index=index, gate_sigmoid=gate_sigmoid)
     return out, out_pos, index
 
 
 def _prune_setup_context(ctx, inputs, output):
-    q, k, tokens, pos, gate, row_mask, col_mask, keep, scale = inputs
+    q, k, tokens, pos, gate, row_mask, col_mask, keep, scale, gate_sigmoid = inputs
     index = output[2]
     ctx.N = tokens.shape[2]
     ctx.tok_meta = (tokens.shape[1], tokens.dtype)
     ctx.pos_meta = (pos.shape[1], pos.dtype) if pos is not None else None
     ctx.has_gate = gate is not None
+    ctx.gate_sigmoid = gate_sigmoid
     # tokens / pos are only needed for the gate's gradient; they are inputs, so saving them costs no memory.
     if gate is not None:
         ctx.save_for_backward(index, tokens, pos, gate)
@@ -359,6 +370,9 @@ def _prune_backward(ctx, d_out, d_out_pos, d_index):
     if ctx.has_gate:
         _, tokens, pos, gate = ctx.saved_tensors
         g_rows = _gather_rows(gate, index)
+        if ctx.gate_sigmoid:
+            # The same op on the same rows as the forward's sigmoid of the kept logits.
+            g_rows = torch.sigmoid(g_rows)
     need = ctx.needs_input_grad
     if need[2] and d_out is not None:
         v = d_out * g_rows if g_rows is not None else d_out
@@ -376,8 +390,11 @@ def _prune_backward(ctx, d_out, d_out_pos, d_index):
             parts.append((d_out_pos * _gather_rows(pos, index)).to(gate.dtype))
         if parts:
             v = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            if ctx.gate_sigmoid:
+                # Autograd's own formula (sigmoid_backward) on the kept rows; the other rows' gradient is zero.
+                v = torch.ops.aten.sigmoid_backward(v, g_rows)
             d_gate = _scatter_rows(v, index, ctx.N, G, gate.dtype)
-    return None, None, d_tokens, d_pos, d_gate, None, None, None, None
+    return None, None, d_tokens, d_pos, d_gate, None, None, None, None, None
 
 
 def _gather_rows(t: Tensor, index: Tensor) -> Tensor:
@@ -480,7 +497,7 @@ def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[T
 
 def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], keep: int, scale: float,
                 row_mask: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-                backend: Optional[str] = None, col_mask: Optional[Tensor] = None
+                backend: Optional[str] = None, col_mask: Optional[Tensor] = None, gate_logits: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """One GTPT pruning site: score the N candidate tokens, keep the best ``keep`` per (batch, group), gather
     them (and their position embeddings), optionally gated. See
@@ -492,7 +509,10 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     tensor (and not at all under ``torch.compile`` or CUDA graph capture). ``col_mask`` ``(G, N)`` bool marks
     each group's candidate columns; excluded ones rank after all candidates (in index order), so with ``keep``
     above a group's candidate count they fill the tail of its rows - slice each group's first rows, as GTPT's
-    WholeBody fine layer 3 does to prune three groups with different candidate ranges in one launch."""
+    WholeBody fine layer 3 does to prune three groups with different candidate ranges in one launch.
+    ``gate_logits=True``: ``gate`` holds the mask MLP's pre-sigmoid logits and the gate is their sigmoid, which
+    the kernel computes for the kept rows only (GTPT's fine entry: no full-size sigmoid pass); gradients flow to
+    the logits."""
     _check_scores_inputs(q, k, row_mask, col_mask)
     B, G = q.shape[:2]
     N = k.shape[3]
@@ -509,6 +529,8 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     for name_, t in (("tokens", tokens), ("pos", pos), ("gate", gate)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name_} must be a floating-point tensor, got {t.dtype}")
+    if gate_logits and gate is None:
+        raise ValueError("gate_logits=True needs the gate logits passed as gate")
     if not isinstance(keep, int) or isinstance(keep, bool):
         raise TypeError(f"keep must be an int, got {type(keep).__name__}")
     if keep <= 0 or keep > N:
@@ -518,9 +540,9 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
         out, out_pos, index = _token_prune_op(q.detach(), k.detach(), tokens, pos, gate,
                                               _mask_on(row_mask, q.device), _mask_on(col_mask, q.device), keep,
-                                              float(scale))
+                                              float(scale), bool(gate_logits))
         return out, (out_pos if pos is not None else None), index
-    return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate, col_mask)
+    return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate, col_mask, gate_logits)
 
 
 class TokenPrune(nn.Module):
@@ -530,9 +552,9 @@ class TokenPrune(nn.Module):
         super().__init__()
         self.keep, self.scale, self.backend = keep, scale, backend
 
-    def forward(self, q, k, tokens, pos=None, row_mask=None, gate=None, col_mask=None):
+    def forward(self, q, k, tokens, pos=None, row_mask=None, gate=None, col_mask=None, gate_logits=False):
         return token_prune(q, k, tokens, pos, self.keep, self.scale, row_mask, gate, backend=self.backend,
-                           col_mask=col_mask)
+                           col_mask=col_mask, gate_logits=gate_logits)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, scale={self.scale:.6g}"
