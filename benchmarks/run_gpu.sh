@@ -37,7 +37,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 stage_tests() {
   # Correctness on the GPU (no interpreter): bf16 and gpu-marked cases included. The sm_90 AOT compile test is
   # the CPU machines' stand-in for a GPU and is skipped here.
-  GTPT_NO_INTERPRET=1 timeout 540 python3 -m pytest tests -q -p no:cacheprovider -rs \
+  # The GPU image has pytest-xdist: 4 workers overlap the kernels' JIT compiles (CPU-bound) on its 16 cores.
+  local xdist=""
+  python3 -c "import xdist" 2>/dev/null && xdist="-n 4"
+  GTPT_NO_INTERPRET=1 timeout 540 python3 -m pytest tests -q -p no:cacheprovider -rs $xdist \
     --ignore=tests/test_kernels_compile.py 2>&1 | tee "$OUT/tests.txt"
 }
 stage_attention() {
