@@ -40,6 +40,17 @@ if triton is not None:
     _UNROLL_ROWS = tl.constexpr(16)
 
     @triton.jit
+    def _round_to(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+        """``x.to(dtype)``. RNE_BF16 (set only under the Triton interpreter, for bf16 outputs): round fp32 to
+        nearest-even by hand first - the interpreter truncates fp32 -> bf16 (compiled kernels round to nearest
+        even), which would make CPU results differ from GPU and from PyTorch in the last bit."""
+        if RNE_BF16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # finite values only (the interpreter's tests)
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
     def _pool_row(m, z, w, kt, q_row, mask_row, offs_d, d_ok, sq_d, scale, HAS_MASK: tl.constexpr):
         """Fold one query row into the running (max, sum exp, sum exp * logit) of every column of ``kt``.
 
@@ -75,7 +86,7 @@ if triton is not None:
         sgt_b, sgt_g, sgt_n, sgt_c,
         R: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
-        GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr,
+        GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr, RNE_BF16: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -186,7 +197,8 @@ if triton is not None:
                             if GATE_F64:
                                 gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float64)))).to(gate_ptr.dtype.element_ty)
                             else:
-                                gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float32)))).to(gate_ptr.dtype.element_ty)
+                                gv = _round_to(1.0 / (1.0 + tl.exp(-gv.to(tl.float32))), gate_ptr.dtype.element_ty,
+                                               RNE_BF16)
                         # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
                         # product is exact, so the result is bit-identical to PyTorch's correctly rounded
                         # half-precision multiply (and avoids the interpreter's bf16 arithmetic).
@@ -194,7 +206,7 @@ if triton is not None:
                             x = x.to(tl.float64) * gv.to(tl.float64)
                         else:
                             x = x.to(tl.float32) * gv.to(tl.float32)
-                    tl.store(out_base + dst, x.to(out_ptr.dtype.element_ty), mask=mk)
+                    tl.store(out_base + dst, _round_to(x, out_ptr.dtype.element_ty, RNE_BF16), mask=mk)
                     if HAS_POS:
                         pv = tl.load(pos_base + src[:, None] * sp_n + cols[None, :] * sp_c, mask=mk, other=0.0)
                         if HAS_GATE:
@@ -202,7 +214,8 @@ if triton is not None:
                                 pv = pv.to(tl.float64) * gv.to(tl.float64)
                             else:
                                 pv = pv.to(tl.float32) * gv.to(tl.float32)
-                        tl.store(out_pos_base + dst, pv.to(out_pos_ptr.dtype.element_ty), mask=mk)
+                        tl.store(out_pos_base + dst, _round_to(pv, out_pos_ptr.dtype.element_ty, RNE_BF16),
+                                 mask=mk)
 
 
 # Column chunk of the scoring loop: a (64, BLOCK_D) K tile plus the R unrolled rows' products fit in registers at
@@ -245,6 +258,10 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
     BLOCK_K = min(32, max(2, _next_pow2(K)))
     BLOCK_C = min(64, max(2, _next_pow2(C)))
+    # CPU tensors mean the interpreter, whose fp32 -> bf16 casts truncate: round by hand there (see _round_to).
+    bf16_out = select and any(t is not None and t.dtype == torch.bfloat16
+                              for t in (out, out_pos if pos is not None else None, gate))
+    rne_bf16 = q.device.type == "cpu" and bf16_out
     kernel = _prune_kernel if _OPAQUE else torch.library.wrap_triton(_prune_kernel)
     kernel[(B * G,)](
         q, k, mask_t, col_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
@@ -257,6 +274,7 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
         R=R, HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         GATE_SIGMOID=gate is not None and gate_sigmoid, GATE_F64=gate is not None and gate.dtype == torch.float64,
+        RNE_BF16=rne_bf16,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
         BLOCK_S=min(_SCORE_BLOCK, BLOCK_N), BLOCK_R=min(_RANK_BLOCK, BLOCK_N), BLOCK_M=32,
