@@ -51,6 +51,8 @@ from ..reference import group_attention_reference
 try:
     import triton
     import triton.language as tl
+
+    from ._rounding import cast as _cast  # fp32 -> bf16 rounding under the interpreter
 except ImportError:  # pragma: no cover - no triton: only the reference backend exists
     triton = None
     tl = None
@@ -106,7 +108,8 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-        # UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot; computing in fp32 is exact for bf16 inputs.
+        # UPCAST (interpreter + bf16 only): the interpreter multiplies bf16 bit patterns in tl.dot; computing in fp32
+        # is exact for bf16 inputs. The same flag makes _cast round fp32 -> bf16 by hand (the interpreter truncates).
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
         else:
@@ -177,7 +180,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+            acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, DOT_PREC, UPCAST)
             m_i = m_new
 
         has_keys = l_i > 0.0
@@ -189,7 +192,7 @@ if triton is not None:
             out = tl.where((offs_m + g == 0)[:, None], 0.0, out)  # row (g=0, n=0); g, n >= 0
 
         o_ptrs = O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + (h * HEAD_DIM + offs_d)[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(o_ptrs, _cast(out, O.dtype.element_ty, UPCAST), mask=m_valid[:, None] & d_valid[None, :])
         lse_row = (pid_bg.to(tl.int64) * H + h) * N
         tl.store(LSE + lse_row + offs_m, lse, mask=m_valid)
 
@@ -253,11 +256,11 @@ if triton is not None:
             p = tl.where(k_valid[None, :], p, 0.0)
             dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+            dq += _dot(_cast(ds, k.dtype, UPCAST), k, DOT_PREC, UPCAST)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
-        tl.store(dq_ptrs, dq.to(DQKV.dtype.element_ty), mask=md_mask)
+        tl.store(dq_ptrs, _cast(dq, DQKV.dtype.element_ty, UPCAST), mask=md_mask)
 
     @triton.jit
     def _mhga_bwd_dkdv_kernel(
@@ -323,15 +326,15 @@ if triton is not None:
                     qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
                     p_t = tl.math.exp2(qk_t - lse[None, :])
                     p_t = tl.where(k_valid[:, None] & m_valid[None, :], p_t, 0.0)
-                    dv += _dot(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
+                    dv += _dot(_cast(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
                     dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
                     ds_t = p_t * (dp_t - delta[None, :])
-                    dk += _dot(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
+                    dk += _dot(_cast(ds_t, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
 
         dk = dk * scale
         g_base = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_n[:, None] * s_gn
-        tl.store(g_base + (C + hd)[None, :], dk.to(DQKV.dtype.element_ty), mask=nd_mask)
-        tl.store(g_base + (2 * C + hd)[None, :], dv.to(DQKV.dtype.element_ty), mask=nd_mask)
+        tl.store(g_base + (C + hd)[None, :], _cast(dk, DQKV.dtype.element_ty, UPCAST), mask=nd_mask)
+        tl.store(g_base + (2 * C + hd)[None, :], _cast(dv, DQKV.dtype.element_ty, UPCAST), mask=nd_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

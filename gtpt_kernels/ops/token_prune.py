@@ -27,6 +27,8 @@ from ..reference import softmax_pool_scores_reference, token_prune_reference
 try:
     import triton
     import triton.language as tl
+
+    from ._rounding import cast as _cast  # fp32 -> bf16 rounding under the interpreter
 except Exception:  # pragma: no cover - triton missing: only the reference backend is usable
     triton = None
 
@@ -38,17 +40,6 @@ except Exception:  # pragma: no cover - triton missing: only the reference backe
 if triton is not None:
 
     _UNROLL_ROWS = tl.constexpr(16)
-
-    @triton.jit
-    def _round_to(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
-        """``x.to(dtype)``. RNE_BF16 (set only under the Triton interpreter, for bf16 outputs): round fp32 to
-        nearest-even by hand first - the interpreter truncates fp32 -> bf16 (compiled kernels round to nearest
-        even), which would make CPU results differ from GPU and from PyTorch in the last bit."""
-        if RNE_BF16:
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # finite values only (the interpreter's tests)
-            x = bits.to(tl.float32, bitcast=True)
-        return x.to(dtype)
 
     @triton.jit
     def _pool_row(m, z, w, kt, q_row, mask_row, offs_d, d_ok, sq_d, scale, HAS_MASK: tl.constexpr):
@@ -197,7 +188,7 @@ if triton is not None:
                             if GATE_F64:
                                 gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float64)))).to(gate_ptr.dtype.element_ty)
                             else:
-                                gv = _round_to(1.0 / (1.0 + tl.exp(-gv.to(tl.float32))), gate_ptr.dtype.element_ty,
+                                gv = _cast(1.0 / (1.0 + tl.exp(-gv.to(tl.float32))), gate_ptr.dtype.element_ty,
                                                RNE_BF16)
                         # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
                         # product is exact, so the result is bit-identical to PyTorch's correctly rounded
@@ -206,7 +197,7 @@ if triton is not None:
                             x = x.to(tl.float64) * gv.to(tl.float64)
                         else:
                             x = x.to(tl.float32) * gv.to(tl.float32)
-                    tl.store(out_base + dst, _round_to(x, out_ptr.dtype.element_ty, RNE_BF16), mask=mk)
+                    tl.store(out_base + dst, _cast(x, out_ptr.dtype.element_ty, RNE_BF16), mask=mk)
                     if HAS_POS:
                         pv = tl.load(pos_base + src[:, None] * sp_n + cols[None, :] * sp_c, mask=mk, other=0.0)
                         if HAS_GATE:
@@ -214,7 +205,7 @@ if triton is not None:
                                 pv = pv.to(tl.float64) * gv.to(tl.float64)
                             else:
                                 pv = pv.to(tl.float32) * gv.to(tl.float32)
-                        tl.store(out_pos_base + dst, _round_to(pv, out_pos_ptr.dtype.element_ty, RNE_BF16),
+                        tl.store(out_pos_base + dst, _cast(pv, out_pos_ptr.dtype.element_ty, RNE_BF16),
                                  mask=mk)
 
 
@@ -235,7 +226,8 @@ def _group_stride(t: Tensor) -> int:
 
 
 def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scores: Tensor, *,
-            col_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+            col_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+            gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None,
             gate_sigmoid: bool = False) -> None:
     """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
@@ -258,7 +250,7 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
     BLOCK_K = min(32, max(2, _next_pow2(K)))
     BLOCK_C = min(64, max(2, _next_pow2(C)))
-    # CPU tensors mean the interpreter, whose fp32 -> bf16 casts truncate: round by hand there (see _round_to).
+    # CPU tensors mean the interpreter, whose fp32 -> bf16 casts truncate: round by hand there (ops/_rounding.py).
     bf16_out = select and any(t is not None and t.dtype == torch.bfloat16
                               for t in (out, out_pos if pos is not None else None, gate))
     rne_bf16 = q.device.type == "cpu" and bf16_out
@@ -270,7 +262,8 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
         G, H, N, D, C, K, float(scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
         k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
-        sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
+        sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3],
+        sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
         R=R, HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=select,
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
         GATE_SIGMOID=gate is not None and gate_sigmoid, GATE_F64=gate is not None and gate.dtype == torch.float64,
