@@ -7,7 +7,9 @@ computes the ``(H*R, N)`` logit slab row by row in registers (never in memory), 
 folds it into the softmax-pooled score with an online max / sum over heads x rows, selects the top ``keep``
 tokens by counting each token's rank (ties: lower index first), writes the int64 index and gathers the kept
 token and position-embedding rows (times the channel gate, fused) into the compact ``(B, G, keep, C)``
-layout. The same kernel with selection compiled out is the scores-only op.
+layout. The same kernel with selection compiled out is the scores-only op. Masks make one launch serve groups
+of different shapes: ``row_mask`` drops query rows (skipped, not computed), ``col_mask`` drops candidate columns
+(scored ``-inf``); with ``gate_logits`` the channel mask's sigmoid is applied to the kept rows in the gather.
 
 The ops are registered with ``torch.library`` (``triton_op`` where available) so ``torch.compile`` can trace
 them without graph breaks; the backward is plain PyTorch scatter (indices are unique per (b, g), so it is
