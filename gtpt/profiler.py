@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -111,6 +112,14 @@ def environment_info(device: Optional[str] = None) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # timers
+
+def interrupt_on_stop_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in this process, so a time-boxed run (``timeout``) ends its
+    sweep and still writes its report. SIGINT needs resetting too: a shell without job control starts background
+    jobs with SIGINT ignored, and Python then leaves it ignored. Main thread only."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
 
 class _Timer:
     """Wall time on CPU; CUDA events on GPU (no synchronisation inside the timed region)."""
@@ -357,7 +366,9 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
             progress: Optional[TextIO] = sys.stderr, budget_s: Optional[float] = None) -> List[LatencyResult]:
     """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
     configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep. With
-    ``budget_s``, configurations that would start after that many seconds are recorded as skipped."""
+    ``budget_s``, configurations that would start after that many seconds are recorded as skipped; after a
+    KeyboardInterrupt (SIGINT) the one in flight and the rest are recorded as skipped and the sweep returns, so a
+    time-boxed run still writes its report."""
     for name, values, valid in (("backend", backends, BACKENDS), ("dtype", dtypes, DTYPES),
                                 ("mode", modes, MODES), ("path", paths, PATHS)):
         for v in values:
@@ -378,14 +389,20 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     combos.sort(key=lambda c: c[1].startswith("compile"))
     results = []
     t_sweep = time.perf_counter()
+    interrupted = False
     for i, (v, be, b, dt, m, p) in enumerate(combos, 1):
         t0 = time.perf_counter()
-        if budget_s is not None and t0 - t_sweep > budget_s:
+        if interrupted or (budget_s is not None and t0 - t_sweep > budget_s):
+            note = "interrupted" if interrupted else f"time budget of {budget_s:.0f} s spent"
             results.append(LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
-                                         note=f"time budget of {budget_s:.0f} s spent"))
+                                         note=note))
             continue
         try:
             r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage)
+        except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured, report the rest as skipped
+            interrupted = True
+            r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
+                              note="interrupted")
         except Exception as e:  # keep the sweep going; the report says what failed
             r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="error",
                               note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])

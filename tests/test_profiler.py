@@ -80,6 +80,23 @@ def test_sweep_time_budget_and_paths():
     assert all(r.status == "skipped" and "time budget" in r.note and r.median_ms is None for r in results)
 
 
+def test_sweep_interrupt_keeps_measured_configs(monkeypatch):
+    # `timeout -s INT` on a GPU session: the config in flight and the rest are skipped, what ran is kept.
+    import gtpt.profiler as prof
+    real, calls = prof.profile_config, []
+
+    def interrupting(*a, **kw):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(prof, "profile_config", interrupting)
+    results = profile(["gtpt-t"], backends=["reference"], batch_sizes=[1, 2, 3], paths=["pruned"], warmup=0,
+                      repeats=1, per_stage=False, progress=None)
+    assert [r.status for r in results] == ["ok", "skipped", "skipped"] and len(calls) == 2
+    assert [r.note for r in results[1:]] == ["interrupted", "interrupted"]
+
+
 def test_compile_configs_start_from_a_fresh_dynamo_cache(monkeypatch, tiny_model):
     # Every config of a sweep compiles the same forward code object; past Dynamo's recompile limit it would run
     # eager under a "compile" label. build_step resets the cache for each compiled config (compile itself is
