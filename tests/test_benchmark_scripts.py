@@ -11,22 +11,22 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-@pytest.fixture(scope="module")
-def attn():
+def _bench_module(name):
     sys.path.insert(0, BENCH)
     try:
-        yield importlib.import_module("run_group_attention")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(BENCH)
+
+
+@pytest.fixture(scope="module")
+def attn():
+    return _bench_module("run_group_attention")
 
 
 @pytest.fixture(scope="module")
 def prune():
-    sys.path.insert(0, BENCH)
-    try:
-        yield importlib.import_module("run_token_prune")
-    finally:
-        sys.path.remove(BENCH)
+    return _bench_module("run_token_prune")
 
 
 def test_attention_plan_cheap_pass_first(attn):
