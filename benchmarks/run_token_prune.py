@@ -339,6 +339,34 @@ def format_row(row: dict) -> str:
             + (f" {row['error']}" if "error" in row else ""))
 
 
+def check_targets(rows: List[dict]) -> List[dict]:
+    """Issue 4's targets on an H100 against every measured case they apply to: one launch per site, >= 3x the
+    eager sequence, <= 15 us at B = 128 for the fine-L3 site (COCO's; WholeBody's is listed beside it)."""
+    fused = [r for r in rows if "fused" in r]
+    checks = [("one kernel launch per site", fused, lambda r: r["fused"].get("launches"), lambda v: v == 1),
+              (">= 3x the eager sequence", [r for r in fused if "speedup_vs_eager" in r],
+               lambda r: r["speedup_vs_eager"], lambda v: v >= 3.0)]
+    for site in ("fine_L3", "fine_L3_wholebody"):
+        checks.append((f"<= 15 us at B = 128 ({site})", [r for r in fused if r["site"] == site and r["B"] == 128],
+                       lambda r: r["fused"]["median_us"], lambda v: v <= 15.0))
+    out = []
+    for what, cases, value, ok in checks:
+        cases = [r for r in cases if value(r) is not None]
+        res = {"target": what, "measured": len(cases), "met": sum(bool(ok(value(r))) for r in cases)}
+        failing = [r for r in cases if not ok(value(r))]
+        if failing:
+            res["failing"] = [f"{r['site']} B={r['B']} {r['dtype']}: {value(r):g}" for r in failing]
+        out.append(res)
+    return out
+
+
+def targets_markdown(targets: List[dict]) -> str:
+    lines = ["## Issue 4 targets (H100)", "", "| target | cases meeting it | cases missing it |", "|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['met']} / {t['measured']} | {'; '.join(t.get('failing', [])) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", nargs="+", default=list(SITES), choices=list(SITES))
@@ -370,12 +398,14 @@ def main(argv=None) -> int:
     rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep, args.budget_s)
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"env": environment(device), "compile_mode": compile_mode, "warmup": args.warmup, "rep": args.rep,
-              "rows": rows}
+              "targets": check_targets(rows), "rows": rows}
     with open(os.path.join(args.out_dir, "token_prune.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(args.out_dir, "token_prune.md"), "w") as f:
         f.write(f"# token_prune timings\n\n`{json.dumps(result['env'])}`, compile mode `{compile_mode}`\n\n")
-        f.write(HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n")
+        f.write(HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n\n")
+        f.write(targets_markdown(result["targets"]))
+    print("\n" + targets_markdown(result["targets"]))
     print(f"wrote {args.out_dir}/token_prune.json and token_prune.md")
     return 0
 

@@ -115,3 +115,41 @@ def test_prune_compiled_pass_keeps_first_pass_figures(prune, monkeypatch):
     (row,) = rows
     assert row["fused"]["median_us"] > 0 and row["eager"]["median_us"] > 0 and row["index_agreement"] == 1.0
     assert row["error"].startswith("RuntimeError: no compiler here")
+
+
+def test_attention_targets_from_rows(attn):
+    def row(shape, mode, impl, ms, peak):
+        return dict(shape=shape, B=128, dtype="bf16", mode=mode, impl=impl, ms=ms, peak_mb=peak)
+    rows = [row("teacher", "fwd", "fused", 1.0, 10.0), row("teacher", "fwd", "eager", 12.0, 80.0),
+            row("teacher", "fwd", "sdpa", 1.2, 20.0),
+            row("coco_fine", "fwd", "fused", 1.0, 5.0), row("coco_fine", "fwd", "eager", 8.0, 20.0),
+            dict(shape="coco_fine", B=128, dtype="bf16", mode="fwd+bwd", impl="sdpa", error="not run: x")]
+    attn._add_ratios(rows)
+    t = {x["target"]: x for x in attn.check_targets(rows)}
+    fwd_eager = t["forward >= 10x the eager reference"]
+    assert (fwd_eager["met"], fwd_eager["measured"]) == (1, 2) and fwd_eager["worst"] == pytest.approx(8.0)
+    assert fwd_eager["worst_case"] == "coco_fine B=128 bf16 fwd"
+    assert t["forward >= 1.5x the SDPA baseline"]["met"] == 0  # 1.2x
+    assert t["forward+backward >= 5x eager"]["measured"] == 0  # nothing measured is not a pass
+    mem = t["teacher-pass peak memory >= 5x below eager"]
+    assert (mem["met"], mem["measured"]) == (1, 1) and mem["worst"] == pytest.approx(8.0)  # teacher rows only
+    floor = t[">= 40% of the memory-bandwidth floor"]
+    assert floor["measured"] == 2 and all(0 < r["pct_of_floor"] for r in rows if r["impl"] == "fused")
+    md = "\n".join(attn.targets_markdown(list(t.values())))
+    assert "| forward+backward >= 5x eager | 0 / 0 | not measured |" in md
+
+
+def test_prune_targets_from_rows(prune):
+    rows = [{"site": "fine_L3", "B": 128, "dtype": "bf16", "fused": {"median_us": 12.0, "launches": 1},
+             "eager": {"median_us": 60.0}, "speedup_vs_eager": 5.0},
+            {"site": "fine_L3", "B": 32, "dtype": "bf16", "fused": {"median_us": 8.0, "launches": 2},
+             "eager": {"median_us": 16.0}, "speedup_vs_eager": 2.0},
+            {"site": "fine_L3_wholebody", "B": 128, "dtype": "fp32", "fused": {"median_us": 20.0, "launches": 1}},
+            {"site": "coarse_L3", "B": 128, "dtype": "fp32", "error": "not run"}]
+    t = {x["target"]: x for x in prune.check_targets(rows)}
+    assert (t["one kernel launch per site"]["met"], t["one kernel launch per site"]["measured"]) == (2, 3)
+    assert t["one kernel launch per site"]["failing"] == ["fine_L3 B=32 bf16: 2"]
+    assert (t[">= 3x the eager sequence"]["met"], t[">= 3x the eager sequence"]["measured"]) == (1, 2)
+    assert t["<= 15 us at B = 128 (fine_L3)"]["met"] == 1
+    assert t["<= 15 us at B = 128 (fine_L3_wholebody)"]["failing"] == ["fine_L3_wholebody B=128 fp32: 20"]
+    assert "| >= 3x the eager sequence | 1 / 2 | fine_L3 B=32 bf16: 2 |" in prune.targets_markdown(list(t.values()))
