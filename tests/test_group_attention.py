@@ -300,6 +300,28 @@ def test_module_parameters_and_backends_agree():
     assert qkv.shape == (1, 3, 10, 3 * dim)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_module_under_autocast(dtype):
+    # Mixed-precision training: fp32 parameters and activations, torch.autocast makes to_qkv emit half precision,
+    # so the op sees half qkv and returns half; fp32 parameter gradients must match the reference's under autocast.
+    torch.manual_seed(0)
+    dim, heads = 48, 2
+    mods = {be: GroupAttention(dim, heads, num_shared=6, pad_token=True, backend=be).to(DEVICE)
+            for be in ("triton", "reference")}
+    mods["reference"].load_state_dict(mods["triton"].state_dict())
+    x = torch.randn(2, 3, 9, dim, device=DEVICE)
+    outs = {}
+    for be, m in mods.items():
+        with torch.autocast(DEVICE, dtype=dtype):
+            outs[be] = m(x)
+        outs[be].float().square().sum().backward()
+    assert outs["triton"].dtype == outs["reference"].dtype == dtype
+    assert_close(outs["triton"], outs["reference"], what="autocast out")
+    for (name, p_tri), p_ref in zip(mods["triton"].named_parameters(), mods["reference"].parameters()):
+        assert p_tri.grad.dtype == torch.float32
+        assert_close(p_tri.grad, p_ref.grad, dtype=dtype, what=f"autocast {name}.grad")
+
+
 def test_macs_formula():
     # COCO-S fine layer: 3 groups x 82 queries x 94 keys, H=8, D=24.
     assert group_attention_macs(1, 3, 82, 192, 8, 6) == 2 * 3 * 8 * 82 * 94 * 24
