@@ -6,9 +6,12 @@ Implementations (all on the same packed ``qkv (B, G, N, 3C)``, same dtype, same 
 * ``fused``    - :func:`gtpt_kernels.group_attention` with ``backend="triton"``.
 * ``eager``    - :func:`gtpt_kernels.reference.group_attention_reference` (the literal GTPT computation).
 * ``sdpa``     - what a user would write by hand: materialise the shared keys/values per group (dropping the
-  dummy key), ``F.scaled_dot_product_attention`` (flash / mem-efficient backend), zero the dummy row.
+  dummy key), ``F.scaled_dot_product_attention`` (flash / mem-efficient backend), then the dummy query row set to
+  the mean of its group's values (the official layer masks all its logits: a uniform softmax).
 * ``flex``     - compiled FlexAttention on the flat per-image sequence (G*N tokens) with a ``mask_mod``
-  "key is shared (and not the dummy), or same group"; the ``BlockMask`` is built once per shape, outside timing.
+  "key is shared (and not the dummy, except for the dummy query), or same group" and a ``score_mod`` that zeroes
+  the dummy query's logits (uniform softmax, as officially); the ``BlockMask`` is built once per shape, outside
+  timing.
 * ``compiled`` - ``torch.compile`` of the eager reference (mode from ``--compile-mode``).
 
 Prints a table of milliseconds, the fused kernel's speed-up over each baseline, peak memory, and the fused kernel's
@@ -83,32 +86,37 @@ def make_inputs(shape: Shape, B: int, dtype: torch.dtype, device, requires_grad:
 # Baselines
 # ------------------------------------------------------------------------------------------------------------
 
-def _pad_row_keep(shape: Shape, device, dtype):
-    keep = torch.ones(shape.G, 1, shape.N, 1, device=device, dtype=dtype)
-    keep[0, 0, 0, 0] = 0
-    return keep
+def _pad_row(shape: Shape, device):
+    """(G, 1, N, 1) bool, True at the dummy query row (g=0, n=0) of a (B, G, H, N, D) output."""
+    row = torch.zeros(shape.G, 1, shape.N, 1, device=device, dtype=torch.bool)
+    row[0, 0, 0, 0] = True
+    return row
 
 
-def sdpa_group_attention(qkv, shape: Shape, scale: float, row_keep=None):
+def sdpa_group_attention(qkv, shape: Shape, scale: float, pad_row=None):
     """Hand-written baseline: concatenated shared keys + SDPA. The dummy key is dropped (instead of masked) so
-    that no attention mask is needed and the flash backend stays eligible."""
+    that no attention mask is needed and the flash backend stays eligible; the dummy query row, whose logits the
+    official layer masks entirely (uniform softmax), is then replaced by the mean of its group's values."""
     B, G, N, _ = qkv.shape
     q, k, v = split_qkv(qkv, shape.heads)                  # (B, G, H, N, D) views
     k = group_attention_keys(k, shape.S)                   # (B, G, H, L, D), materialised
     v = group_attention_keys(v, shape.S)
+    pad_value = None
     if shape.pad:
+        pad_value = v[:, :1].mean(3, keepdim=True)         # (B, 1, H, 1, D): group 0's uniform average
         k, v = k[:, :, :, 1:], v[:, :, :, 1:]
     D = q.shape[-1]
     o = F.scaled_dot_product_attention(q.reshape(B * G, shape.heads, N, D), k.reshape(B * G, shape.heads, -1, D),
                                        v.reshape(B * G, shape.heads, -1, D), scale=scale)
     o = o.view(B, G, shape.heads, N, D)
     if shape.pad:
-        o = o * row_keep
+        o = torch.where(pad_row, pad_value.to(o.dtype), o)
     return o.transpose(2, 3).reshape(B, G, N, shape.dim)
 
 
-def make_flex(shape: Shape, B: int, device, scale: float):
-    """Compiled FlexAttention on the flat (B, H, G*N, D) sequence; returns a callable ``qkv -> out``."""
+def make_flex(shape: Shape, B: int, device, scale: float, compiled: bool = True):
+    """Compiled FlexAttention on the flat (B, H, G*N, D) sequence; returns a callable ``qkv -> out``
+    (``compiled=False``: flex_attention's eager path, for checking the masks on CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     G, N, S = shape.G, shape.N, shape.S
@@ -116,22 +124,23 @@ def make_flex(shape: Shape, B: int, device, scale: float):
     def mask_mod(b, h, q_idx, kv_idx):
         same_group = (q_idx // N) == (kv_idx // N)
         allowed = ((kv_idx % N) < S) | same_group
-        if shape.pad:
-            allowed = allowed & (kv_idx != 0)
+        if shape.pad:  # the dummy key (flat index 0) is masked for every query but the dummy query (index 0)
+            allowed = allowed & ((kv_idx != 0) | (q_idx == 0))
         return allowed
 
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # The dummy query's logits are all masked officially (all equal): zero them for a uniform softmax.
+        return torch.where(q_idx == 0, torch.zeros_like(score), score)
+
     block_mask = create_block_mask(mask_mod, None, None, G * N, G * N, device=device)
-    flex = torch.compile(flex_attention, dynamic=False)
-    row_keep = _pad_row_keep(shape, device, torch.float32) if shape.pad else None
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
     def run(qkv):
         q, k, v = split_qkv(qkv, shape.heads)  # (B, G, H, N, D)
         D = q.shape[-1]
         flat = [t.permute(0, 2, 1, 3, 4).reshape(B, shape.heads, G * N, D) for t in (q, k, v)]
-        o = flex(*flat, block_mask=block_mask, scale=scale)  # (B, H, G*N, D)
-        o = o.view(B, shape.heads, G, N, D).permute(0, 2, 1, 3, 4)
-        if shape.pad:
-            o = o * row_keep.to(o.dtype)
+        o = flex(*flat, block_mask=block_mask, scale=scale, score_mod=score_mod if shape.pad else None)
+        o = o.view(B, shape.heads, G, N, D).permute(0, 2, 1, 3, 4)  # (B, G, H, N, D)
         return o.transpose(2, 3).reshape(B, G, N, shape.dim)
 
     return run
@@ -147,8 +156,8 @@ def make_callable(impl: str, shape: Shape, B: int, dtype: torch.dtype, device,
     if impl == "eager":
         return lambda qkv: group_attention_reference(qkv, H, S, scale, pad)
     if impl == "sdpa":
-        keep = _pad_row_keep(shape, device, dtype) if pad else None
-        return lambda qkv: sdpa_group_attention(qkv, shape, scale, keep)
+        pad_row = _pad_row(shape, device) if pad else None
+        return lambda qkv: sdpa_group_attention(qkv, shape, scale, pad_row)
     if impl in ("flex", "compiled"):
         # Dynamo caches per code object (flex_attention, the lambda below), across all cases of a sweep; past its
         # recompile limit (8) it would silently run eager. A fresh cache per case keeps these figures compiled.

@@ -53,9 +53,12 @@ def group_attention_reference(qkv: Tensor, heads: int, num_shared: int, scale: O
             are the ``G*S`` shared tokens of all groups (group-major) followed by group g's own ``N - S`` tokens;
             the queries of group g are its ``N`` tokens. ``G=1, S=0`` is plain multi-head self-attention.
         scale: softmax scale; default ``C ** -0.5`` (GTPT scales by the model dim, not the head dim).
-        pad_token: GTPT's padded head group. Shared token 0 of group 0 is a padding token: it is masked as a
-            key for every query, and its own query row has no output (zeros). The official layer gives that row
-            a uniform softmax instead; it is discarded there, so model outputs are identical.
+        pad_token: GTPT's padded head group, masked as the official layer masks it. Shared token 0 of group 0 is
+            a padding token: it is masked as a key for every other query, and its own query row has every logit
+            masked (``-finfo.max`` there), which makes that row's softmax uniform over all ``L`` keys of group 0,
+            the padding key included: the row outputs the mean of those values, and its logits receive no
+            gradient. The row is discarded at the model's end, so it never changes a model output; it is kept
+            exact so the op is a drop-in for the official layer on every row.
 
     Returns:
         ``(B, G, N, C)``: the attention output with heads merged, before ``to_out``.
@@ -72,12 +75,12 @@ def group_attention_reference(qkv: Tensor, heads: int, num_shared: int, scale: O
         key_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=qkv.device)
         key_mask[0] = True
         logits = logits.masked_fill(key_mask, float("-inf"))
-    attn = logits.softmax(dim=-1)
-    out = torch.matmul(attn, v)  # (B, G, H, N, D)
-    if pad_token:
+        # The pad query row: all logits equal (the official -finfo.max fill), so a uniform softmax over all keys.
         row_mask = torch.zeros(G, 1, N, 1, dtype=torch.bool, device=qkv.device)
         row_mask[0, 0, 0, 0] = True
-        out = out.masked_fill(row_mask, 0.0)
+        logits = logits.masked_fill(row_mask, 0.0)
+    attn = logits.softmax(dim=-1)
+    out = torch.matmul(attn, v)  # (B, G, H, N, D)
     return out.transpose(2, 3).reshape(B, G, N, C)
 
 

@@ -153,3 +153,19 @@ def test_prune_targets_from_rows(prune):
     assert t["<= 15 us at B = 128 (fine_L3)"]["met"] == 1
     assert t["<= 15 us at B = 128 (fine_L3_wholebody)"]["failing"] == ["fine_L3_wholebody B=128 fp32: 20"]
     assert "| >= 3x the eager sequence | 1 / 2 | fine_L3 B=32 bf16: 2 |" in prune.targets_markdown(list(t.values()))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pad", [True, False])
+def test_attention_baselines_compute_the_reference(attn, pad):
+    # The SDPA and FlexAttention baselines must compute exactly what the op computes (every row, the pad query
+    # row's uniform softmax included), or the speed-ups compare different work.
+    from gtpt_kernels.reference import group_attention_reference
+    shape = attn.Shape("t", G=3, N=9, S=6 if pad else 2, pad=pad, heads=2, dim=32)
+    qkv = torch.randn(2, shape.G, shape.N, 3 * shape.dim, dtype=torch.float64)
+    scale = shape.dim ** -0.5
+    ref = group_attention_reference(qkv, shape.heads, shape.S, scale, pad)
+    sdpa = attn.make_callable("sdpa", shape, 2, torch.float64, "cpu")(qkv)
+    torch.testing.assert_close(sdpa, ref, rtol=1e-10, atol=1e-10)
+    flex = attn.make_flex(shape, 2, "cpu", scale, compiled=False)(qkv.float())
+    torch.testing.assert_close(flex, ref.float(), rtol=1e-5, atol=1e-5)

@@ -159,20 +159,52 @@ def _check_half(dtype, B, G, N, H, D, S, pad, noncontig=False):
         assert err <= 3 * e_err + floor, f"{name}: kernel {err:.3e} vs eager {e_err:.3e}"
 
 
-def test_pad_row_and_key_are_exact_and_finite():
-    """GTPT's padded head group with peaky logits: no NaN/Inf, zero output row, zero gradients for the pad."""
+def official_masked_attention(qkv, heads, num_shared):
+    """The official ``GroupAttention`` body (repeated shared keys, boolean mask filled with ``-finfo.max``, see
+    tests/official_port.py), written independently of gtpt_kernels.reference as a second oracle for the pad."""
+    B, G, N, C3 = qkv.shape
+    C, S = C3 // 3, num_shared
+    q, k, v = (t.reshape(B, G, N, heads, -1).permute(0, 3, 1, 2, 4) for t in qkv.chunk(3, dim=-1))
+    k = torch.cat([k[:, :, :, :S].flatten(2, 3).unsqueeze(2).repeat(1, 1, G, 1, 1), k[:, :, :, S:]], 3)
+    v = torch.cat([v[:, :, :, :S].flatten(2, 3).unsqueeze(2).repeat(1, 1, G, 1, 1), v[:, :, :, S:]], 3)
+    dots = torch.einsum("bhgid,bhgjd->bhgij", q, k) * C ** -0.5
+    keep_q = torch.ones(G, N, dtype=torch.bool, device=qkv.device)
+    keep_q[0, 0] = False
+    keep_k = torch.ones(k.shape[3], dtype=torch.bool, device=qkv.device)
+    keep_k[0] = False
+    dots = dots.masked_fill(~(keep_q[:, :, None] & keep_k), -torch.finfo(dots.dtype).max)
+    out = torch.einsum("bhgij,bhgjd->bhgid", dots.softmax(-1), v)
+    return out.permute(0, 2, 3, 1, 4).reshape(B, G, N, C)
+
+
+def test_pad_token_matches_official_masking():
+    """GTPT's padded head group with peaky logits: no NaN/Inf; every row, the pad query row included, equals the
+    official layer's masking (the pad row: uniform weights over all of group 0's keys); exact zeros where the
+    official gradient is structurally zero (dq of the pad row, dk of the pad key)."""
     B, G, N, H, D, S = 2, 3, 9, 2, 16, 6
+    C, L = H * D, G * S + N - S
     qkv = make_qkv(B, G, N, H, D, seed=11, amp=6.0)  # logits ~ +-100: exp2 over/underflow if unguarded
-    grad_out = torch.randn(B, G, N, H * D, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    grad_out = torch.randn(B, G, N, C, generator=torch.Generator().manual_seed(12)).to(DEVICE)
     out, dqkv = run(qkv, H, S, grad_out, "triton", pad_token=True)
     ref, dref = run(qkv, H, S, grad_out, "fp64", pad_token=True)
+    x = qkv.detach().double().requires_grad_(True)
+    official = official_masked_attention(x, H, S)
+    official.backward(grad_out.double())
+    assert_close(ref, official, what="reference vs official out")
+    assert_close(dref, x.grad, what="reference vs official dqkv")
+
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
-    C = H * D
-    assert torch.equal(out[:, 0, 0], torch.zeros_like(out[:, 0, 0]))
-    assert torch.equal(dqkv[:, 0, 0, :C], torch.zeros_like(dqkv[:, 0, 0, :C]))      # dq of the pad query
-    assert torch.equal(dqkv[:, 0, 0, C:], torch.zeros_like(dqkv[:, 0, 0, C:]))      # dk, dv of the pad key
     assert_close(out, ref.float(), what="out")
     assert_close(dqkv, dref.float(), rtol=5e-5, what="dqkv")
+    # The pad row is the mean of group 0's L values (the shared tokens of every group, then its own tokens).
+    v = qkv.double()[..., 2 * C:]
+    group0_values = torch.cat([v[:, :, :S].flatten(1, 2), v[:, 0, S:]], dim=1)  # (B, L, C)
+    assert group0_values.shape[1] == L
+    assert_close(out[:, 0, 0], group0_values.mean(1).float(), what="pad row")
+    assert torch.equal(dqkv[:, 0, 0, :C], torch.zeros_like(dqkv[:, 0, 0, :C]))        # dq of the pad query
+    assert torch.equal(dqkv[:, 0, 0, C:2 * C], torch.zeros_like(dqkv[:, 0, 0, :C]))   # dk of the pad key
+    # dv of the pad key: only the pad query row weighs it, with 1/L
+    assert_close(dqkv[:, 0, 0, 2 * C:], grad_out[:, 0, 0] / L, rtol=5e-5, what="dv of the pad key")
 
 
 def test_pad_with_single_other_key():

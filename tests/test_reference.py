@@ -29,9 +29,9 @@ def naive_group_attention(qkv, heads, S, scale, pad_token):
                 if pad_token:
                     logits[:, 0] = float("-inf")
                 p = logits.softmax(-1)
+                if pad_token and g == 0:  # the pad query: all logits masked officially, a uniform softmax
+                    p[0] = 1.0 / len(keys)
                 out[b, g, :, sl] = p @ vals[:, sl]
-            if pad_token and g == 0:
-                out[b, 0, 0] = 0
     return out
 
 

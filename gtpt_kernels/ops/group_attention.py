@@ -23,10 +23,11 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
      program loops over the query groups in a fixed order and sums their contributions in registers. Each
      element of ``dk``/``dv`` is thus produced by exactly one program in a fixed order.
   ``dqkv`` is written in ``qkv``'s packed ``(B, G, N, 3C)`` layout.
-* **pad_token** - key 0 (shared token 0 of group 0) is masked for every query, and query row (g=0, n=0) outputs
-  zeros. That row is computed like any other (its softmax is over the remaining keys, so nothing is ever
-  ``-inf - -inf``) and zeroed on store; in the backward its ``do`` is read as zero, so it contributes nothing.
-  The running max is still guarded so that a key tile that is entirely masked for a row (e.g. the pad key alone)
+* **pad_token** - as the official layer masks it: key 0 (shared token 0 of group 0) is masked for every query but
+  the pad query row (g=0, n=0), whose logits are all masked, i.e. equal: a uniform softmax over all of group 0's
+  keys, pad key included (the kernel sets that row's logits to 0). In the backward that row's ``dS`` is zero (its
+  logits are constants: no dq, no dk from it), while its ``P`` = 1/L still carries ``do`` into every ``dv``.
+  The running max is guarded so that a key tile that is entirely masked for a row (e.g. the pad key alone)
   cannot produce NaN.
 * **Precision** - fp32 inputs use exact IEEE fp32 dots by default so fp32 training matches eager PyTorch; TF32 can
   be requested with ``fp32_precision="tf32"`` or ``GTPT_KERNELS_FP32_PRECISION=tf32``. fp16/bf16 follow
@@ -130,6 +131,17 @@ if triton is not None:
         return src_g, src_n, valid
 
     @triton.jit
+    def _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN: tl.constexpr):
+        """Mask a (query rows x virtual keys) logit tile with -inf. With PAD_TOKEN, GTPT's official masking:
+        virtual key 0 (the pad token) is masked for every query but the pad query row, whose logits are all
+        masked in the official code (-finfo.max: all equal) and are set to 0 here: a uniform softmax."""
+        valid = k_valid[None, :]
+        if PAD_TOKEN:
+            qk = tl.where(pad_row[:, None], 0.0, qk)
+            valid = valid & (pad_row[:, None] | (offs_j != 0)[None, :])
+        return tl.where(valid, qk, float("-inf"))
+
+    @triton.jit
     def _mhga_fwd_kernel(
         QKV, O, LSE,
         s_qb, s_qg, s_qn, s_qc,
@@ -158,6 +170,7 @@ if triton is not None:
         v_cols = (2 * C + h * HEAD_DIM + offs_d) * s_qc
         q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :],
                     mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        pad_row = (offs_m + g) == 0  # the pad query (g=0, n=0); g, n >= 0
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,13 +179,11 @@ if triton is not None:
         for start in range(0, L, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
-            if PAD_TOKEN:
-                k_valid = k_valid & (offs_j != 0)
             rows = src_g * s_qg + src_n * s_qn
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
             qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-            qk = tl.where(k_valid[None, :], qk, float("-inf"))
+            qk = _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -188,8 +199,6 @@ if triton is not None:
         out = acc / l_safe[:, None]
         # +inf LSE for a row without keys makes the backward's recomputed P exactly 0.
         lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
-        if PAD_TOKEN:
-            out = tl.where((offs_m + g == 0)[:, None], 0.0, out)  # row (g=0, n=0); g, n >= 0
 
         o_ptrs = O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + (h * HEAD_DIM + offs_d)[None, :]
         tl.store(o_ptrs, _cast(out, O.dtype.element_ty, UPCAST), mask=m_valid[:, None] & d_valid[None, :])
@@ -221,16 +230,13 @@ if triton is not None:
         m_valid = offs_m < N
         d_valid = offs_d < HEAD_DIM
         md_mask = m_valid[:, None] & d_valid[None, :]
-        # The pad row's output is a constant zero: it sends no gradient anywhere, so read its dO as zero.
-        do_mask = md_mask
-        if PAD_TOKEN:
-            do_mask = do_mask & (offs_m + g != 0)[:, None]  # not row (g=0, n=0); g, n >= 0
+        pad_row = (offs_m + g) == 0  # the pad query (g=0, n=0); g, n >= 0
 
         base = QKV + b.to(tl.int64) * s_qb
         hd = h * HEAD_DIM + offs_d
         q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
         do = tl.load(DO + b.to(tl.int64) * s_db + g * s_dg + offs_m[:, None] * s_dn + (hd * s_dc)[None, :],
-                     mask=do_mask, other=0.0)
+                     mask=md_mask, other=0.0)
         o = tl.load(O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + hd[None, :],
                     mask=md_mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -244,18 +250,19 @@ if triton is not None:
         for start in range(0, L, BLOCK_N):
             offs_j = start + tl.arange(0, BLOCK_N)
             src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
-            if PAD_TOKEN:
-                k_valid = k_valid & (offs_j != 0)
             rows = src_g * s_qg + src_n * s_qn
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
             v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-            # Same expression as the forward, so P is recomputed consistently with the stored LSE.
+            # Same expression as the forward, so P is recomputed consistently with the stored LSE (masked
+            # entries are -inf there, so exp2 gives exactly 0).
             qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+            qk = _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN)
             p = tl.math.exp2(qk - lse[:, None])
-            p = tl.where(k_valid[None, :], p, 0.0)
             dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST)
             ds = p * (dp - delta[:, None])
+            if PAD_TOKEN:
+                ds = tl.where(pad_row[:, None], 0.0, ds)  # constant logits: no gradient through them
             dq += _dot(_cast(ds, k.dtype, UPCAST), k, DOT_PREC, UPCAST)
 
         dq = dq * scale
@@ -289,8 +296,7 @@ if triton is not None:
         d_valid = offs_d < HEAD_DIM
         nd_mask = n_valid[:, None] & d_valid[None, :]
         key_ok = n_valid
-        if PAD_TOKEN:
-            key_ok = key_ok & (offs_n + g != 0)  # the pad key (g=0, n=0) has zero weight: zero gradient
+        not_pad_key = (offs_n + g) != 0  # the pad key (g=0, n=0) is a key of the pad query row only
 
         base = QKV + b.to(tl.int64) * s_qb
         hd = h * HEAD_DIM + offs_d
@@ -312,11 +318,8 @@ if triton is not None:
                     offs_m = start_m + tl.arange(0, BLOCK_M)
                     m_valid = offs_m < N
                     md_mask = m_valid[:, None] & d_valid[None, :]
-                    do_mask = md_mask
-                    if PAD_TOKEN:
-                        do_mask = do_mask & (offs_m + gq != 0)[:, None]
                     q = tl.load(q_base + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
-                    do = tl.load(do_base + offs_m[:, None] * s_dn + (hd * s_dc)[None, :], mask=do_mask, other=0.0)
+                    do = tl.load(do_base + offs_m[:, None] * s_dn + (hd * s_dc)[None, :], mask=md_mask, other=0.0)
                     # Unmasked loads at clamped indices (rows past N repeat row N-1; p_t masks them below): a
                     # masked load here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
                     offs_m_in = tl.minimum(offs_m, N - 1)
@@ -324,11 +327,18 @@ if triton is not None:
                     delta = tl.load(DELTA + row + offs_m_in)
                     # Transposed tile (keys x queries): the reductions below are over queries, along axis 1.
                     qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+                    valid_t = k_valid[:, None] & m_valid[None, :]
+                    if PAD_TOKEN:
+                        pad_col = (offs_m + gq) == 0  # the pad query (gq=0, m=0)
+                        qk_t = tl.where(pad_col[None, :], 0.0, qk_t)
+                        valid_t = valid_t & (pad_col[None, :] | not_pad_key[:, None])
                     p_t = tl.math.exp2(qk_t - lse[None, :])
-                    p_t = tl.where(k_valid[:, None] & m_valid[None, :], p_t, 0.0)
+                    p_t = tl.where(valid_t, p_t, 0.0)
                     dv += _dot(_cast(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
                     dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
                     ds_t = p_t * (dp_t - delta[None, :])
+                    if PAD_TOKEN:
+                        ds_t = tl.where(pad_col[None, :], 0.0, ds_t)  # constant logits: no gradient through them
                     dk += _dot(_cast(ds_t, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
 
         dk = dk * scale
