@@ -230,6 +230,39 @@ def time_us(fn: Callable[[], object], device: str, warmup: int = 10, rep: int = 
             "p80_us": times[int(0.8 * (len(times) - 1))]}
 
 
+def time_graph_us(fn: Callable[[], object], calls: int = 20, rep: int = 50) -> Optional[float]:
+    """Median microseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls: the
+    device time without the host's per-call launch overhead (Python, dispatcher, Triton launcher), which
+    :func:`time_us` includes and which can exceed a microsecond-scale kernel. This is the cost of the site inside
+    a model run under CUDA graphs (``gtpt profile --backends cudagraph``). None if ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rep):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+        del graph
+        return statistics.median(times)
+    except Exception:  # e.g. an implementation that synchronises; reported as "-"
+        torch.cuda.synchronize()
+        return None
+
+
 def count_launches(fn: Callable[[], object], device: str) -> Optional[int]:
     """GPU kernels launched by one call (torch.profiler); None when not on CUDA or the profiler fails."""
     if device != "cuda":
@@ -309,9 +342,12 @@ def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, co
                 row[impl] = time_us(synchronized(fn, device), device, warmup, rep) if device == "cuda" \
                     else time_us(fn, device, 1, 3)
                 row[impl]["launches"] = count_launches(fn, device)
+                row[impl]["graph_us"] = time_graph_us(fn) if device == "cuda" else None
             for base in ("eager", "compiled"):
                 if base in row and "fused" in row:
                     row[f"speedup_vs_{base}"] = row[base]["median_us"] / row["fused"]["median_us"]
+                    if row[base].get("graph_us") and row["fused"].get("graph_us"):
+                        row[f"graph_speedup_vs_{base}"] = row[base]["graph_us"] / row["fused"]["graph_us"]
         except KeyboardInterrupt:
             stop_reason = "not run: interrupted"
             row["error"] = "interrupted"
@@ -321,8 +357,11 @@ def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, co
     return list(rows.values())  # in the order the sites / batches / dtypes were given
 
 
-HEADER = ("| site | B | dtype | fused us | eager us | compiled us | x eager | x compiled | launches f/e/c | "
-          "index agree |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("Per call: one call timed alone (host launch overhead included). Graph: per call inside a CUDA graph of "
+          "back-to-back calls (device time).\n\n"
+          "| site | B | dtype | fused us | eager us | compiled us | x eager | x compiled | fused graph us | "
+          "eager graph us | compiled graph us | x eager (graph) | x compiled (graph) | launches f/e/c | index agree |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(row: dict, impl: str, key: str, spec: str = ".1f") -> str:
@@ -335,7 +374,10 @@ def format_row(row: dict) -> str:
     launches = "/".join(_fmt(row, i, "launches", "d") for i in ("fused", "eager", "compiled"))
     return (f"| {row['site']} | {row['B']} | {row['dtype']} | {_fmt(row, 'fused', 'median_us')} | "
             f"{_fmt(row, 'eager', 'median_us')} | {_fmt(row, 'compiled', 'median_us')} | "
-            f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {launches} | {sv('index_agreement', '.3f')} |"
+            f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {_fmt(row, 'fused', 'graph_us')} | "
+            f"{_fmt(row, 'eager', 'graph_us')} | {_fmt(row, 'compiled', 'graph_us')} | "
+            f"{sv('graph_speedup_vs_eager')} | {sv('graph_speedup_vs_compiled')} | {launches} | "
+            f"{sv('index_agreement', '.3f')} |"
             + (f" {row['error']}" if "error" in row else ""))
 
 
@@ -344,11 +386,16 @@ def check_targets(rows: List[dict]) -> List[dict]:
     eager sequence, <= 15 us at B = 128 for the fine-L3 site (COCO's; WholeBody's is listed beside it)."""
     fused = [r for r in rows if "fused" in r]
     checks = [("one kernel launch per site", fused, lambda r: r["fused"].get("launches"), lambda v: v == 1),
-              (">= 3x the eager sequence", [r for r in fused if "speedup_vs_eager" in r],
-               lambda r: r["speedup_vs_eager"], lambda v: v >= 3.0)]
+              (">= 3x the eager sequence (per call)", [r for r in fused if "speedup_vs_eager" in r],
+               lambda r: r["speedup_vs_eager"], lambda v: v >= 3.0),
+              (">= 3x the eager sequence (CUDA graph)", [r for r in fused if "graph_speedup_vs_eager" in r],
+               lambda r: r["graph_speedup_vs_eager"], lambda v: v >= 3.0)]
     for site in ("fine_L3", "fine_L3_wholebody"):
-        checks.append((f"<= 15 us at B = 128 ({site})", [r for r in fused if r["site"] == site and r["B"] == 128],
-                       lambda r: r["fused"]["median_us"], lambda v: v <= 15.0))
+        at_128 = [r for r in fused if r["site"] == site and r["B"] == 128]
+        checks.append((f"<= 15 us at B = 128 ({site}, per call)", at_128, lambda r: r["fused"]["median_us"],
+                       lambda v: v <= 15.0))
+        checks.append((f"<= 15 us at B = 128 ({site}, CUDA graph)", at_128, lambda r: r["fused"].get("graph_us"),
+                       lambda v: v <= 15.0))
     out = []
     for what, cases, value, ok in checks:
         cases = [r for r in cases if value(r) is not None]

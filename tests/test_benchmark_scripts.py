@@ -140,7 +140,7 @@ def test_attention_targets_from_rows(attn):
 
 
 def test_prune_targets_from_rows(prune):
-    rows = [{"site": "fine_L3", "B": 128, "dtype": "bf16", "fused": {"median_us": 12.0, "launches": 1},
+    rows = [{"site": "fine_L3", "B": 128, "dtype": "bf16", "fused": {"median_us": 22.0, "launches": 1, "graph_us": 6.0},
              "eager": {"median_us": 60.0}, "speedup_vs_eager": 5.0},
             {"site": "fine_L3", "B": 32, "dtype": "bf16", "fused": {"median_us": 8.0, "launches": 2},
              "eager": {"median_us": 16.0}, "speedup_vs_eager": 2.0},
@@ -149,10 +149,17 @@ def test_prune_targets_from_rows(prune):
     t = {x["target"]: x for x in prune.check_targets(rows)}
     assert (t["one kernel launch per site"]["met"], t["one kernel launch per site"]["measured"]) == (2, 3)
     assert t["one kernel launch per site"]["failing"] == ["fine_L3 B=32 bf16: 2"]
-    assert (t[">= 3x the eager sequence"]["met"], t[">= 3x the eager sequence"]["measured"]) == (1, 2)
-    assert t["<= 15 us at B = 128 (fine_L3)"]["met"] == 1
-    assert t["<= 15 us at B = 128 (fine_L3_wholebody)"]["failing"] == ["fine_L3_wholebody B=128 fp32: 20"]
-    assert "| >= 3x the eager sequence | 1 / 2 | fine_L3 B=32 bf16: 2 |" in prune.targets_markdown(list(t.values()))
+    per_call = t[">= 3x the eager sequence (per call)"]
+    assert (per_call["met"], per_call["measured"]) == (1, 2)
+    assert t[">= 3x the eager sequence (CUDA graph)"]["measured"] == 0  # no graph figures: not a pass
+    # host overhead can miss a target the device time meets; both are reported
+    assert t["<= 15 us at B = 128 (fine_L3, per call)"]["failing"] == ["fine_L3 B=128 bf16: 22"]
+    assert (t["<= 15 us at B = 128 (fine_L3, CUDA graph)"]["met"], t["<= 15 us at B = 128 (fine_L3, CUDA graph)"]
+            ["measured"]) == (1, 1)
+    assert t["<= 15 us at B = 128 (fine_L3_wholebody, per call)"]["failing"] == ["fine_L3_wholebody B=128 fp32: 20"]
+    assert t["<= 15 us at B = 128 (fine_L3_wholebody, CUDA graph)"]["measured"] == 0
+    md = prune.targets_markdown(list(t.values()))
+    assert "| >= 3x the eager sequence (per call) | 1 / 2 | fine_L3 B=32 bf16: 2 |" in md
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
