@@ -88,3 +88,38 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
             f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
             f"imported; got tensors on {device}")
     return name
+
+
+DIRECT_LAUNCH_ENV_VAR = "GTPT_KERNELS_DIRECT_LAUNCH"
+
+
+def direct_launch(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op call may run its kernels directly instead of through its ``torch.library`` registration.
+
+    The registration is what autograd, ``torch.compile``/``torch.export``, jit/fx tracing, ``FlopCounterMode`` and
+    other dispatch or function modes, and functorch transforms (``vmap``, ``grad``) see; going through it costs
+    the host about 12 us per call (measured on a 2-core CPU with the kernel launch stubbed out: ``token_prune``
+    at the fine-L3 site 32.6 -> 21.1 us, ``group_attention`` forward 30.7 -> 17.8 us), which a microsecond-scale
+    kernel at inference time cannot hide. So a call skips it only when none of those can be involved: plain
+    tensors, no gradient wanted, nothing tracing, no mode active. Set ``GTPT_KERNELS_DIRECT_LAUNCH=0`` to always
+    go through the registration.
+    """
+    if os.environ.get(DIRECT_LAUNCH_ENV_VAR, "1") in ("0", "false", "False"):
+        return False
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def profiled(name: str):
+    """A ``record_function`` scope named like the op when the autograd profiler is on (so a direct launch still
+    shows up as ``name`` in traces), else a no-op context."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import interpreter_enabled, resolve_backend
+from ..backend import direct_launch, interpreter_enabled, profiled, resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
 try:
@@ -327,24 +327,45 @@ def _prune_fake(q, k, tokens, pos, gate, row_mask, col_mask, keep, scale, gate_s
     return _prune_alloc(q, tokens, pos, gate, keep)
 
 
-@_register("gtpt_kernels::softmax_pool_scores", _scores_fake)
-def _softmax_pool_scores_op(q: Tensor, k: Tensor, row_mask: Optional[Tensor], col_mask: Optional[Tensor],
-                            scale: float) -> Tensor:
+def _softmax_pool_scores_impl(q: Tensor, k: Tensor, row_mask: Optional[Tensor], col_mask: Optional[Tensor],
+                              scale: float) -> Tensor:
     scores = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
     _launch(q, k, row_mask, scale, scores, col_mask=col_mask)
     return scores
 
 
-@_register("gtpt_kernels::token_prune", _prune_fake)
-def _token_prune_op(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
-                    row_mask: Optional[Tensor], col_mask: Optional[Tensor], keep: int, scale: float,
-                    gate_sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _token_prune_impl(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], gate: Optional[Tensor],
+                      row_mask: Optional[Tensor], col_mask: Optional[Tensor], keep: int, scale: float,
+                      gate_sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor]:
     out, out_pos, index = _prune_alloc(q, tokens, pos, gate, keep)
     # fp32 score scratch for the in-kernel rank count (B*G*N*4 bytes, small next to the gathered rows).
     scratch = q.new_empty((q.shape[0], q.shape[1], k.shape[3]), dtype=torch.float32)
     _launch(q, k, row_mask, scale, scratch, col_mask=col_mask, tokens=tokens, pos=pos, gate=gate, out=out,
             out_pos=out_pos if pos is not None else None, index=index, gate_sigmoid=gate_sigmoid)
     return out, out_pos, index
+
+
+# The registered ops (what autograd, torch.compile and dispatch modes see); eager inference calls the _impl
+# functions directly (gtpt_kernels.backend.direct_launch).
+_softmax_pool_scores_op = _register("gtpt_kernels::softmax_pool_scores", _scores_fake)(_softmax_pool_scores_impl)
+_token_prune_op = _register("gtpt_kernels::token_prune", _prune_fake)(_token_prune_impl)
+
+
+def softmax_pool_scores_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the scoring (2 per MAC of the logits ``q @ k^T``, k broadcast over groups), the convention of
+    :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the same matmul in the reference. Pooling,
+    selection, gathering and the gate are not matmuls and are not counted."""
+    B, G, H, R, D = q_shape
+    return 2 * B * G * H * R * D * k_shape[3]
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+    for op in (torch.ops.gtpt_kernels.softmax_pool_scores, torch.ops.gtpt_kernels.token_prune):
+        register_flop_formula(op)(softmax_pool_scores_flops)
+
+
+_register_flop_formulas()
 
 
 def _prune_setup_context(ctx, inputs, output):
@@ -503,8 +524,11 @@ def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[T
     name = resolve_backend(backend, q.device)
     if name == "triton":
         # The Triton scores are not differentiable (GTPT never backpropagates through them).
-        return _softmax_pool_scores_op(q.detach(), k.detach(), _mask_on(row_mask, q.device),
-                                       _mask_on(col_mask, q.device), float(scale))
+        args = (q.detach(), k.detach(), _mask_on(row_mask, q.device), _mask_on(col_mask, q.device), float(scale))
+        if direct_launch(q, k):
+            with profiled("gtpt_kernels::softmax_pool_scores"):
+                return _softmax_pool_scores_impl(*args)
+        return _softmax_pool_scores_op(*args)
     return softmax_pool_scores_reference(q, k, scale, row_mask, col_mask)
 
 
@@ -551,9 +575,13 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     name = resolve_backend(backend, q.device)
     if name == "triton":
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
-        out, out_pos, index = _token_prune_op(q.detach(), k.detach(), tokens, pos, gate,
-                                              _mask_on(row_mask, q.device), _mask_on(col_mask, q.device), keep,
-                                              float(scale), bool(gate_logits))
+        args = (q.detach(), k.detach(), tokens, pos, gate, _mask_on(row_mask, q.device),
+                _mask_on(col_mask, q.device), keep, float(scale), bool(gate_logits))
+        if direct_launch(q, k, tokens, pos, gate):  # inference: skip the dispatcher
+            with profiled("gtpt_kernels::token_prune"):
+                out, out_pos, index = _token_prune_impl(*args)
+        else:
+            out, out_pos, index = _token_prune_op(*args)
         return out, (out_pos if pos is not None else None), index
     return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate, col_mask, gate_logits)
 
