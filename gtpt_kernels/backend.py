@@ -91,6 +91,13 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 
 DIRECT_LAUNCH_ENV_VAR = "GTPT_KERNELS_DIRECT_LAUNCH"
+# torch internals that tell whether a dispatch mode, a torch-function mode or a functorch transform is active.
+# Without any of them (a torch that moved them) nothing is launched directly: the registration is always right.
+try:
+    _MODE_PROBES = (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled,
+                    torch._C._functorch.peek_interpreter_stack)
+except AttributeError:  # pragma: no cover - depends on the torch version
+    _MODE_PROBES = None
 
 
 def direct_launch(*tensors: Optional[torch.Tensor]) -> bool:
@@ -104,11 +111,11 @@ def direct_launch(*tensors: Optional[torch.Tensor]) -> bool:
     tensors, no gradient wanted, nothing tracing, no mode active. Set ``GTPT_KERNELS_DIRECT_LAUNCH=0`` to always
     go through the registration.
     """
-    if os.environ.get(DIRECT_LAUNCH_ENV_VAR, "1") in ("0", "false", "False"):
+    if not _MODE_PROBES or os.environ.get(DIRECT_LAUNCH_ENV_VAR, "1") in ("0", "false", "False"):
         return False
+    dispatch_depth, function_mode_on, functorch_level = _MODE_PROBES
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or dispatch_depth() or function_mode_on() or functorch_level() is not None):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
