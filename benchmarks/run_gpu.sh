@@ -15,9 +15,9 @@
 # 30%, attention 35%, prune 13%, model 22%) plus whatever earlier stages left unused; at its end a stage gets SIGTERM
 # (then SIGKILL 20 s later). The benchmark scripts stop starting cases before that, run the cheap implementations over
 # every case before any compiled baseline (most important cases first), and on SIGTERM still write their tables;
-# pytest prints its summary (and -v has logged every test's outcome as it finished). So a run measures as much as its time allows and always returns what it measured,
-# leaving the session enough device time to rerun a stage (e.g. `GPU_BUDGET_S=200 bash benchmarks/run_gpu.sh
-# attention`).
+# pytest prints its summary (and -v has logged every test's outcome as it finished). So a run measures as much as
+# its time allows and always returns what it measured, leaving the session enough device time (about 6 of its 15
+# minutes) to rerun a stage, e.g. `GPU_BUDGET_S=200 bash benchmarks/run_gpu.sh attention`.
 #
 # Output: on the device machine ($OUT set) everything is bundled into $OUT/gpu-results.tar.gz after every stage
 # (the device tool returns at most 8 files), with the full log in $OUT/run.log. Without $OUT (a GPU machine of
