@@ -276,8 +276,8 @@ def run_all(shapes: List[Shape], batches: List[int], dtypes: List[str], impls: L
             device, warmup: int, rep: int, compile_mode: Optional[str],
             budget_s: Optional[float] = None) -> List[dict]:
     """Every (shape, B, dtype, mode, impl) case, in :func:`case_plan` order. With ``budget_s``, cases that would
-    start after that many seconds are listed as not run, and a KeyboardInterrupt (``timeout -s INT``) lists the
-    rest as interrupted, so a time-boxed GPU session still writes its tables."""
+    start after that many seconds are listed as not run, and a KeyboardInterrupt (a timeout's SIGTERM or SIGINT)
+    lists the rest as interrupted, so a time-boxed GPU session still writes its tables."""
     rows = []
     sync = str(device).startswith("cuda")
     t_start = time.perf_counter()

@@ -316,7 +316,7 @@ def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, co
         warmup: int, rep: int, budget_s: Optional[float] = None) -> List[dict]:
     """Every (site, B, dtype) case, in :func:`case_plan` order. A case that fails is reported with its error, not
     fatal; with ``budget_s``, cases that would start after that many seconds are listed as not run, and a
-    KeyboardInterrupt (``timeout -s INT``) lists the rest as interrupted."""
+    KeyboardInterrupt (a timeout's SIGTERM or SIGINT) lists the rest as interrupted."""
     rows = {(n, B, dt): {"site": n, "B": B, "dtype": dt} for n in sites for B in batches for dt in dtypes}
     t_start = time.perf_counter()
     stop_reason = None

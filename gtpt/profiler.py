@@ -367,8 +367,8 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
     configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep. With
     ``budget_s``, configurations that would start after that many seconds are recorded as skipped; after a
-    KeyboardInterrupt (SIGINT) the one in flight and the rest are recorded as skipped and the sweep returns, so a
-    time-boxed run still writes its report."""
+    KeyboardInterrupt (SIGINT; SIGTERM too after :func:`interrupt_on_stop_signals`) the one in flight and the rest
+    are recorded as skipped and the sweep returns, so a time-boxed run still writes its report."""
     for name, values, valid in (("backend", backends, BACKENDS), ("dtype", dtypes, DTYPES),
                                 ("mode", modes, MODES), ("path", paths, PATHS)):
         for v in values:
@@ -399,7 +399,7 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
             continue
         try:
             r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage)
-        except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured, report the rest as skipped
+        except KeyboardInterrupt:  # e.g. a timeout's signal: keep what was measured, report the rest as skipped
             interrupted = True
             r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
                               note="interrupted")

@@ -124,9 +124,13 @@ def direct_launch(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
-def profiled(name: str):
-    """A ``record_function`` scope named like the op when the autograd profiler is on (so a direct launch still
-    shows up as ``name`` in traces), else a no-op context."""
+def call_op(name: str, impl, op, *args):
+    """Run the registered op ``op(*args)``, or its implementation ``impl(*args)`` directly where
+    :func:`direct_launch` allows it for the tensors among ``args``. A direct call is wrapped in a
+    ``record_function`` named ``name`` while the autograd profiler is on, so it still shows up in traces."""
+    if not direct_launch(*(a for a in args if isinstance(a, torch.Tensor))):
+        return op(*args)
     if torch.autograd._profiler_enabled():
-        return torch.autograd.profiler.record_function(name)
-    return contextlib.nullcontext()
+        with torch.autograd.profiler.record_function(name):
+            return impl(*args)
+    return impl(*args)

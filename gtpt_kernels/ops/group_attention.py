@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import direct_launch, get_backend, interpreter_enabled, profiled, resolve_backend
+from ..backend import call_op, get_backend, interpreter_enabled, resolve_backend
 from ..reference import group_attention_reference
 
 try:
@@ -610,12 +610,9 @@ def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[fl
         return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
     C = qkv.shape[-1] // 3
     scale = C ** -0.5 if scale is None else float(scale)
-    args = (qkv, heads, num_shared, scale, bool(pad_token), _resolve_fp32_precision(fp32_precision))
-    if direct_launch(qkv):  # inference: skip the dispatcher (see gtpt_kernels.backend.direct_launch)
-        with profiled("gtpt::group_attention"):
-            return _fwd_impl(*args)[0]
-    out, _ = torch.ops.gtpt.group_attention(*args)
-    return out
+    # Inference skips the dispatcher (gtpt_kernels.backend.direct_launch); the op returns (out, lse).
+    return call_op("gtpt::group_attention", _fwd_impl, torch.ops.gtpt.group_attention, qkv, heads, num_shared,
+                   scale, bool(pad_token), _resolve_fp32_precision(fp32_precision))[0]
 
 
 class GroupAttention(nn.Module):

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import direct_launch, interpreter_enabled, profiled, resolve_backend
+from ..backend import call_op, interpreter_enabled, resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
 try:
@@ -524,11 +524,9 @@ def softmax_pool_scores(q: Tensor, k: Tensor, scale: float, row_mask: Optional[T
     name = resolve_backend(backend, q.device)
     if name == "triton":
         # The Triton scores are not differentiable (GTPT never backpropagates through them).
-        args = (q.detach(), k.detach(), _mask_on(row_mask, q.device), _mask_on(col_mask, q.device), float(scale))
-        if direct_launch(q, k):
-            with profiled("gtpt_kernels::softmax_pool_scores"):
-                return _softmax_pool_scores_impl(*args)
-        return _softmax_pool_scores_op(*args)
+        return call_op("gtpt_kernels::softmax_pool_scores", _softmax_pool_scores_impl, _softmax_pool_scores_op,
+                       q.detach(), k.detach(), _mask_on(row_mask, q.device), _mask_on(col_mask, q.device),
+                       float(scale))
     return softmax_pool_scores_reference(q, k, scale, row_mask, col_mask)
 
 
@@ -575,13 +573,9 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     name = resolve_backend(backend, q.device)
     if name == "triton":
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
-        args = (q.detach(), k.detach(), tokens, pos, gate, _mask_on(row_mask, q.device),
-                _mask_on(col_mask, q.device), keep, float(scale), bool(gate_logits))
-        if direct_launch(q, k, tokens, pos, gate):  # inference: skip the dispatcher
-            with profiled("gtpt_kernels::token_prune"):
-                out, out_pos, index = _token_prune_impl(*args)
-        else:
-            out, out_pos, index = _token_prune_op(*args)
+        out, out_pos, index = call_op("gtpt_kernels::token_prune", _token_prune_impl, _token_prune_op,
+                                      q.detach(), k.detach(), tokens, pos, gate, _mask_on(row_mask, q.device),
+                                      _mask_on(col_mask, q.device), keep, float(scale), bool(gate_logits))
         return out, (out_pos if pos is not None else None), index
     return token_prune_reference(q, k, tokens, pos, keep, scale, row_mask, gate, col_mask, gate_logits)
 
