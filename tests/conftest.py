@@ -45,3 +45,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def find_coco_tiny():
+    """The shared 4-image COCO set (``shared/data/coco_tiny``; used in place, never copied): ``$GTPT_COCO_TINY``,
+    else ``../shared/data/coco_tiny`` beside the checkout, else ``/work/shared/data/coco_tiny``; None if absent."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("GTPT_COCO_TINY", ""),
+                  os.path.join(here, "..", "..", "shared", "data", "coco_tiny"),
+                  "/work/shared/data/coco_tiny"]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "annotations", "person_keypoints_tiny.json")):
+            return os.path.abspath(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def coco_tiny():
+    """Path of the coco_tiny folder (annotations/, images/, person_detection_results/, results/)."""
+    path = find_coco_tiny()
+    if path is None:
+        pytest.skip("coco_tiny data not found (set GTPT_COCO_TINY to shared/data/coco_tiny)")
+    return path
