@@ -106,7 +106,7 @@ def warp_affine(image: Union[Image.Image, np.ndarray], matrix: np.ndarray, outpu
     coeffs = (a, b, c - 0.5 * (a + b) + 0.5, d, e, f - 0.5 * (d + e) + 0.5)
     out = image.transform((int(output_size[0]), int(output_size[1])), Image.AFFINE, coeffs,
                           resample=Image.BILINEAR, fillcolor=0)
-    return np.asarray(out)
+    return np.array(out)  # a writable copy (asarray of a PIL image is read-only)
 
 
 def to_model_input(crop: np.ndarray) -> torch.Tensor:

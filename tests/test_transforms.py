@@ -1,0 +1,83 @@
+"""Top-down crop geometry (gtpt.transforms) against hand-computed values and OpenCV's pixel convention."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gtpt.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_points, box_to_center_scale, get_affine_transform,
+                             load_image, to_model_input, warp_affine)
+
+OUT = (192, 256)  # (W, H)
+
+
+def test_box_to_center_scale_pads_to_aspect():
+    # Tall box: width grows to 0.75 * h; then x1.25 and /200.
+    c, s = box_to_center_scale([100, 50, 60, 120])
+    np.testing.assert_allclose(c, [130.0, 110.0])
+    np.testing.assert_allclose(s, [90 / 200 * 1.25, 120 / 200 * 1.25])
+    # Wide box: height grows to w / 0.75.
+    c, s = box_to_center_scale([0, 0, 150, 60])
+    np.testing.assert_allclose(s, [150 / 200 * 1.25, 200 / 200 * 1.25])
+
+
+@pytest.mark.parametrize("box", [[0, 0, 0, 10], [0, 0, 10, -1], [0, float("nan"), 10, 10]])
+def test_box_to_center_scale_rejects_degenerate_boxes(box):
+    with pytest.raises(ValueError, match="box"):
+        box_to_center_scale(box)
+
+
+@pytest.mark.parametrize("rot", [0.0, 30.0, -75.0])
+def test_affine_maps_box_center_to_crop_center_and_inverts(rot):
+    c, s = box_to_center_scale([100, 50, 60, 120])
+    fwd = get_affine_transform(c, s, rot, OUT)
+    inv = get_affine_transform(c, s, rot, OUT, inv=True)
+    np.testing.assert_allclose(affine_points(c, fwd), [96.0, 128.0], atol=1e-9)
+    pts = np.array([[10.0, 20.0], [300.0, 7.0], [130.0, 110.0]])
+    np.testing.assert_allclose(affine_points(affine_points(pts, fwd), inv), pts, atol=1e-9)
+    # The scaled box width spans the crop width: 200 * s[0] image px -> 192 crop px, whatever the rotation.
+    assert np.isclose(np.linalg.det(fwd[:, :2]), (192 / (200 * s[0])) ** 2)
+
+
+def test_warp_matches_integer_pixel_centres():
+    # Bilinear sampling reproduces a linear ramp exactly, so each crop pixel must hold its source x coordinate
+    # under OpenCV's convention (pixel centres at integers); a half-pixel slip shows as a 0.5 offset.
+    w, h = 300, 200
+    ramp = Image.fromarray(np.tile(np.arange(w, dtype=np.float32), (h, 1)), mode="F")
+    c, s = box_to_center_scale([80, 40, 90, 110])
+    fwd = get_affine_transform(c, s, 20.0, OUT)
+    inv = get_affine_transform(c, s, 20.0, OUT, inv=True)
+    crop = warp_affine(ramp, fwd, OUT)
+    assert crop.shape == (256, 192)
+    uv = np.stack(np.meshgrid(np.arange(192), np.arange(256)), -1)
+    src = affine_points(uv, inv)
+    inside = (src[..., 0] > 1) & (src[..., 0] < w - 2) & (src[..., 1] > 1) & (src[..., 1] < h - 2)
+    assert inside.sum() > 10000
+    np.testing.assert_allclose(crop[inside], src[..., 0][inside], atol=1e-3)
+    # Outside the image: zeros, as cv2.warpAffine's constant border.
+    assert (crop[(src[..., 0] < -2) | (src[..., 1] < -2)] == 0).all()
+
+
+def test_warp_rgb_uint8_and_normalise():
+    img = np.zeros((40, 30, 3), dtype=np.uint8)
+    img[..., 0] = 255
+    crop = warp_affine(img, get_affine_transform([15, 20], [0.15, 0.2], 0.0, (30, 40)), (30, 40))
+    assert crop.dtype == np.uint8 and crop.shape == (40, 30, 3)
+    x = to_model_input(crop)
+    assert x.shape == (3, 40, 30) and x.dtype == torch.float32
+    red = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    assert torch.allclose(x[0, 20, 15], torch.tensor(red))
+    assert torch.allclose(x[1, 20, 15], torch.tensor(-IMAGENET_MEAN[1] / IMAGENET_STD[1]))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot decode"):
+        load_image(bad)
+
+
+def test_load_real_image(coco_tiny):
+    im = load_image(f"{coco_tiny}/images/000000000785.jpg")
+    assert im.mode == "RGB" and im.size == (640, 425)
