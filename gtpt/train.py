@@ -1,0 +1,793 @@
+"""Training GTPT as the official code does, plus what a shared cluster needs: AMP, DDP, exact resume.
+
+Conventions copied from the official repository (github.com/haonanwang0522/GTPT @ f3a6068), as
+``shared/reference/gtpt-reference.md`` §6-7 records them:
+
+* loss: :class:`gtpt.loss.GlobalPerceivedLoss` on both passes of one forward (``lib/core/loss.py``);
+* Adam, lr 1e-3, no weight decay; MultiStepLR x0.1 at epochs [200, 260], **stepped at the start of every epoch**
+  (``tools/train.py``), so each decay takes effect one epoch early (epoch index 199 and 259); 300 epochs, batch 64 per
+  GPU, seed 42, validation every 5 epochs (``epoch % 5 == 4``);
+* EMA over the whole state dict (BN running stats included) after every optimizer step, momentum
+  ``1 - (1 - 0.996) * (1 + cos(pi * t / T)) / 2``, ``T = epochs * iters_per_epoch`` (``lib/core/function.py:
+  cosine_scheduler``, ``train_sa_simdr``); validation and the exported weights use the EMA;
+* curriculum body -> whole-body: the body checkpoint's EMA copy initialises the WholeBody student (strict=False),
+  then the EMA is re-copied from it (``TokenPose_S.init_weights`` in ``pose_gtpt_*_wholebody.py``).
+
+Launch one process per GPU with ``torchrun``; ``WORLD_SIZE > 1`` turns on DDP (NCCL on CUDA, gloo on CPU), each
+process then takes ``batch_size`` samples per step. Checkpoints: ``last.pth`` (everything needed to resume, written
+every epoch and when SIGINT/SIGTERM arrives), ``model_final.pth`` and ``best.pth`` in the official layout (student
+keys + ``ema_``-prefixed EMA keys), loadable with :func:`gtpt.load_official_checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from gtpt_kernels.backend import BACKENDS
+
+from . import profiler
+from .checkpoint import CheckpointError, _official_group_mask, _read, _unwrap, save_checkpoint, select_ema
+from .config import get_config
+from .loss import GlobalPerceivedLoss
+from .model import build_model
+
+__all__ = ["TrainConfig", "ModelEMA", "CocoValidator", "official_state_dict", "init_from_checkpoint", "make_optimizer",
+           "make_scheduler", "advance_scheduler", "train", "main", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "gtpt-train-v1"
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ValFn = Callable[[nn.Module, int], Mapping[str, float]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the official COCO schedule (per-process batch: 4 GPUs x 64 = 256)."""
+    variant: str
+    output_dir: str
+    train_ann_file: Optional[str] = None     # COCO-style keypoint json; unused when train() gets a dataset
+    train_image_root: Optional[str] = None
+    val_ann_file: Optional[str] = None       # COCO validation (CocoValidator) when train() gets no val_fn
+    val_image_root: Optional[str] = None
+    val_detections_file: Optional[str] = None
+    epochs: int = 300
+    batch_size: int = 64                     # per process
+    lr: float = 1e-3
+    lr_milestones: Tuple[int, ...] = (200, 260)
+    lr_gamma: float = 0.1
+    ema_momentum: float = 0.996
+    amp: str = "none"                        # "none" | "bf16" | "fp16" (fp16 adds a GradScaler)
+    workers: int = 4
+    seed: int = 42
+    backend: str = "auto"
+    val_every: int = 5
+    log_every: int = 100                     # official PRINT_FREQ
+    max_steps: Optional[int] = None          # stop after this many optimizer steps in total (smoke runs)
+    init_from: Optional[str] = None          # curriculum: body checkpoint whose EMA initialises the student
+    resume: bool = True                      # continue from output_dir/last.pth when it exists
+    grad_clip: Optional[float] = None        # max grad norm; the official recipe has none
+    best_metric: str = "AP"                  # val_fn key that selects best.pth (higher is better)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        object.__setattr__(self, "variant", get_config(self.variant).name)  # raises on unknown names
+        need(isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir) != "",
+             "output_dir must be a non-empty path")
+        object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        for name in ("epochs", "batch_size", "val_every", "log_every"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                 f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        need(is_int(self.workers) and self.workers >= 0, f"workers must be an integer >= 0, got {self.workers!r}")
+        need(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        need(is_num(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        need(is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        milestones = tuple(self.lr_milestones) if isinstance(self.lr_milestones, (list, tuple)) else None
+        need(milestones is not None and all(is_int(m) and m >= 1 for m in milestones)
+             and list(milestones) == sorted(set(milestones)),
+             f"lr_milestones must be strictly increasing epochs >= 1, got {self.lr_milestones!r}")
+        object.__setattr__(self, "lr_milestones", milestones)
+        need(is_num(self.ema_momentum) and 0 <= self.ema_momentum <= 1,
+             f"ema_momentum must be in [0, 1], got {self.ema_momentum!r}")
+        need(self.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1),
+             f"max_steps must be None or an integer >= 1, got {self.max_steps!r}")
+        need(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be None or a number > 0, got {self.grad_clip!r}")
+        need(isinstance(self.resume, bool), f"resume must be a bool, got {self.resume!r}")
+        need(isinstance(self.best_metric, str) and self.best_metric != "", "best_metric must be a non-empty string")
+        need((self.train_ann_file is None) == (self.train_image_root is None),
+             "give train_ann_file and train_image_root together")
+        need((self.val_ann_file is None) == (self.val_image_root is None),
+             "give val_ann_file and val_image_root together")
+        need(self.val_detections_file is None or self.val_ann_file is not None,
+             "val_detections_file needs val_ann_file and val_image_root")
+        for name in ("train_ann_file", "train_image_root", "val_ann_file", "val_image_root", "val_detections_file",
+                     "init_from"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (str, os.PathLike)) and os.fspath(v) != ""),
+                 f"{name} must be None or a non-empty path, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, os.fspath(v))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain values only (stored in checkpoints, which load with ``weights_only=True``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        return cls(**dict(d))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA, optimizer, scheduler
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper."""
+    return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) else model
+
+
+class ModelEMA:
+    """Exponential moving average of the whole state dict, as ``train_sa_simdr`` does it: after every optimizer step
+    ``ema = m * ema + (1 - m) * student`` for every float tensor (parameters, frozen PE and BN running stats alike),
+    with ``m_t = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2`` rising from ``m0`` (t = 0) to 1 (t = T). Integer buffers
+    (``num_batches_tracked``) are copied. ``module`` is a frozen eval-mode copy: the model that is validated and
+    exported."""
+
+    def __init__(self, model: nn.Module, base_momentum: float = 0.996, total_steps: int = 1):
+        if not 0.0 <= base_momentum <= 1.0:
+            raise ValueError(f"base_momentum must be in [0, 1], got {base_momentum}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.base_momentum = float(base_momentum)
+        self.total_steps = int(total_steps)
+
+    def momentum(self, step: int) -> float:
+        """m at global iteration ``step`` (0-based, official ``epoch * iters_per_epoch + i``); held at 1 past T."""
+        t = min(max(int(step), 0), self.total_steps)
+        return 1.0 - (1.0 - self.base_momentum) * (1.0 + math.cos(math.pi * t / self.total_steps)) / 2.0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> float:
+        """Blend the student into the EMA with the momentum of ``step``; returns that momentum."""
+        m = self.momentum(step)
+        src = unwrap_model(model).state_dict()
+        dst = self.module.state_dict()
+        if src.keys() != dst.keys():
+            raise ValueError("EMA and student state dicts differ in keys: "
+                             f"{sorted(set(src) ^ set(dst))[:8]}")
+        ema_floats: List[Tensor] = []
+        student_floats: List[Tensor] = []
+        for k, e in dst.items():
+            if e.is_floating_point():
+                ema_floats.append(e)
+                student_floats.append(src[k].detach())
+            else:
+                e.copy_(src[k])
+        # ema + (1 - m) * (student - ema): the official m * ema + (1 - m) * student, but a tensor equal in both (the
+        # frozen PE, an untouched bias) stays bit-identical instead of drifting by rounding. One fused foreach call
+        # instead of a kernel per tensor, as torch.optim.swa_utils does for its EMA.
+        torch._foreach_lerp_(ema_floats, student_floats, 1.0 - m)
+        return m
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        self.module.load_state_dict(sd, strict=True)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam, lr ``cfg.lr``, default betas, no weight decay (the yaml WD is ignored for adam in ``get_optimizer``)."""
+    return torch.optim.Adam([p for p in unwrap_model(model).parameters() if p.requires_grad], lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
+
+
+def advance_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int) -> None:
+    """Step the scheduler at the start of 0-based ``epoch`` like ``tools/train.py`` (``lr_scheduler.step()`` first
+    thing in the epoch loop): during epoch e its counter is e + 1, so a milestone M decays the lr from epoch index
+    M - 1 on, one epoch early. Idempotent, so resuming inside an epoch does not step twice."""
+    with warnings.catch_warnings():
+        # the official order steps the scheduler before the epoch's first optimizer step, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        while scheduler.last_epoch < epoch + 1:
+            scheduler.step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts and the curriculum init
+
+def official_state_dict(model: nn.Module, ema: Union[ModelEMA, nn.Module]) -> Dict[str, Tensor]:
+    """The official checkpoint layout: student keys (``features.*``, ``mlp_head_x/y.*``) plus the EMA copy under the
+    same names prefixed ``ema_`` (``ema_features.*``, ...), CPU tensors."""
+    student = unwrap_model(model).state_dict()
+    averaged = (ema.module if isinstance(ema, ModelEMA) else unwrap_model(ema)).state_dict()
+    out = {k: v.detach().cpu() for k, v in student.items()}
+    out.update({f"ema_{k}": v.detach().cpu() for k, v in averaged.items()})
+    return out
+
+
+def init_from_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]]
+                         ) -> Dict[str, Any]:
+    """Curriculum init: load a checkpoint's EMA copy (official layout, or one of ours) into ``model``.
+
+    The official WholeBody ``init_weights(PRETRAINED)`` keeps the ``ema_*`` keys, strips the prefix and calls
+    ``load_state_dict(strict=False)``. Here strict=False is made explicit: tensors the model has but the checkpoint
+    lacks stay as initialised and are reported as ``new`` (for body -> WholeBody: ``features.extra_token`` and
+    ``features.fine_keypoint_token``); checkpoint tensors the model lacks are reported as ``ignored``; any shape
+    mismatch, or no overlap at all, raises :class:`CheckpointError` before the model is touched. Build the EMA from
+    the model afterwards (``train`` does), as the official code re-copies it.
+    """
+    name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
+    raw = _read(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    full = _unwrap(raw)
+    source = "ema" if any(k.startswith("ema_") for k in full) else "student"
+    sd = select_ema(full, use_ema=True)
+    for k in [k for k in sd if k.endswith(".fn.fn.mask")]:  # official GroupAttention masks: built into our op
+        if not _official_group_mask(sd[k]):
+            raise CheckpointError(f"{name}: {k} is not the official GroupAttention mask")
+        del sd[k]
+    target = unwrap_model(model)
+    own = target.state_dict()
+    loaded = [k for k in own if k in sd]
+    new = sorted(set(own) - set(sd))
+    ignored = sorted(set(sd) - set(own))
+    wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in loaded if sd[k].shape != own[k].shape)
+    model_name = getattr(getattr(target, "cfg", None), "name", type(target).__name__)
+    if wrong:
+        raise CheckpointError(f"{name} cannot initialise {model_name}: {len(wrong)} tensors differ in shape "
+                              f"(another model size?): " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+    if not loaded:
+        raise CheckpointError(f"{name} shares no tensor name with {model_name}: not a GTPT checkpoint?")
+    bad = [k for k in loaded if sd[k].is_floating_point() != own[k].is_floating_point()
+           or (sd[k].is_floating_point() and not torch.isfinite(sd[k]).all())]
+    if bad:
+        raise CheckpointError(f"{name}: tensors with an incompatible dtype or NaN/Inf values: {bad[:8]}")
+    target.load_state_dict({k: sd[k] for k in loaded}, strict=False)
+    return {"checkpoint": name, "source": source, "loaded": len(loaded), "new": new, "ignored": ignored}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process setup: distributed, seeds, RNG states, signals
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world_size: int
+    owns_group: bool   # we called init_process_group, so we destroy it
+
+
+def _setup_distributed(device: Optional[Union[str, torch.device]]) -> Tuple[_Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a caller may also have initialised the process group itself."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialised = dist.is_available() and dist.is_initialized()
+    if world <= 1 and not (initialised and dist.get_world_size() > 1):
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        return _Dist(0, 1, False), torch.device(device if device is not None else default)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not initialised:
+        # rank 0 validates alone while the others wait in a barrier: allow a long COCO evaluation
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return _Dist(dist.get_rank(), dist.get_world_size(), not initialised), dev
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy and random follow the worker's torch seed (itself from the per-epoch generator)."""
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    """Global RNG states as plain values and tensors (checkpoints load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGINT/SIGTERM raise KeyboardInterrupt while training (:func:`gtpt.profiler.interrupt_on_stop_signals`), so a
+    scheduler's kill or a timeout still writes last.pth; the previous handlers are restored afterwards."""
+    if not _main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    profiler.interrupt_on_stop_signals()
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _hold_stop_signals() -> Iterator[None]:
+    """Defer a stop signal until the block ends: the optimizer step, EMA update and step counters commit together, so
+    an interrupt never saves a half-updated state."""
+    if not _main_thread():
+        yield
+        return
+    pending: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if pending:
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+class _EpochSampler(Sampler[int]):
+    """This rank's share of an epoch in DistributedSampler's seeded order (``seed + epoch``; also for one process),
+    minus the first ``skip`` indices when a run resumes inside an epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=False)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+
+def _default_train_dataset(cfg: TrainConfig) -> Dataset:
+    if cfg.train_ann_file is None:
+        raise ValueError("no train_dataset given and TrainConfig.train_ann_file / train_image_root are not set")
+    from .data import TopDownDataset  # imported here: the data pipeline is only needed without a given dataset
+    return TopDownDataset(cfg.train_ann_file, cfg.train_image_root, num_keypoints=get_config(cfg.variant).num_keypoints,
+                          train=True, seed=cfg.seed)
+
+
+class CocoValidator:
+    """The default ``val_fn`` when the config has validation paths: COCO keypoint AP of the EMA model through
+    :func:`gtpt.evaluate.evaluate` (flip test, rescoring, OKS-NMS: the official ``validate_sa_simdr`` +
+    ``coco.evaluate``), on ``val_detections_file`` boxes when given, else GT boxes. Returns flat metrics: the COCO
+    stats (``AP``, ``AP50``, ...); for WholeBody ``<part>_<stat>`` for every part and ``AP`` / ``AR`` = whole-body.
+    The dataset is built on the first call (only rank 0 validates)."""
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.val_ann_file is None:
+            raise ValueError("TrainConfig.val_ann_file / val_image_root are not set")
+        self.cfg = cfg
+        self.dataset: Optional[Dataset] = None
+
+    def __call__(self, model: nn.Module, epoch: int) -> Dict[str, float]:
+        from .data import TopDownDataset
+        from .evaluate import evaluate
+        cfg = self.cfg
+        if self.dataset is None:
+            self.dataset = TopDownDataset(cfg.val_ann_file, cfg.val_image_root, get_config(cfg.variant).num_keypoints,
+                                          train=False, detections=cfg.val_detections_file)
+        metrics = evaluate(model, self.dataset, batch_size=cfg.batch_size, flip_test=True, num_workers=cfg.workers,
+                           amp_dtype=AMP_DTYPES[cfg.amp])
+        if not get_config(cfg.variant).wholebody:
+            return dict(metrics)
+        flat = {f"{part}_{k}": v for part, stats in metrics.items() for k, v in stats.items()}
+        flat.update(AP=metrics["wholebody"]["AP"], AR=metrics["wholebody"]["AR"])
+        return flat
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+
+class _Trainer:
+    """One process's run: model, EMA, optimizer, scheduler, scaler, loader and counters; :meth:`run` trains."""
+
+    def __init__(self, cfg: TrainConfig, ctx: _Dist, device: torch.device, dataset: Dataset,
+                 val_fn: Optional[ValFn]):
+        self.cfg, self.ctx, self.device, self.val_fn = cfg, ctx, device, val_fn
+        self.is_main = ctx.rank == 0
+        self.out_dir = cfg.output_dir
+        self.last_path = os.path.join(self.out_dir, "last.pth")
+        self.final_path = os.path.join(self.out_dir, "model_final.pth")
+        self.best_path = os.path.join(self.out_dir, "best.pth")
+        self.log_path = os.path.join(self.out_dir, "log.jsonl")
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+
+        # The same initial weights on every rank and for any world size (DDP would broadcast rank 0's anyway, but the
+        # EMA copy is taken from the local model); data-side randomness then differs per rank.
+        _seed_everything(cfg.seed)
+        self.model = build_model(cfg.variant, backend=cfg.backend)  # the official from-scratch init
+        _seed_everything(cfg.seed + ctx.rank)
+        self.dataset = dataset
+        self.sampler = _EpochSampler(dataset, ctx.world_size, ctx.rank, cfg.seed)
+        self.loader_generator = torch.Generator()
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                 pin_memory=device.type == "cuda", drop_last=False, generator=self.loader_generator,
+                                 worker_init_fn=_seed_worker if cfg.workers > 0 else None)
+        self.steps_per_epoch = math.ceil(len(self.sampler.inner) / cfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training dataset is empty")
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history: List[Dict[str, Any]] = []
+        self.best: Optional[Dict[str, Any]] = None
+        self.resumed_from: Optional[str] = None
+        self.last_loss: Optional[Tensor] = None  # [total, unpruned, pruned, g2l] of the latest step
+        self.init_report: Optional[Dict[str, Any]] = None
+        resume_state = self._read_resume_state()
+        if resume_state is None and cfg.init_from is not None:
+            self.init_report = init_from_checkpoint(self.model, cfg.init_from)
+        self.model.to(device)
+        self.ema = ModelEMA(self.model, cfg.ema_momentum, cfg.epochs * self.steps_per_epoch)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.criterion = GlobalPerceivedLoss()
+        if resume_state is not None:
+            self._restore(resume_state)
+        # Both passes use every trainable parameter (checked in tests/test_train.py for body and WholeBody), so DDP
+        # needs no unused-parameter search. Buffers (BN stats) are broadcast from rank 0 at every forward.
+        self.runner: nn.Module = self.model
+        if ctx.world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.runner = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=False)
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def _read_resume_state(self) -> Optional[Mapping[str, Any]]:
+        if not os.path.exists(self.last_path):
+            return None
+        if not self.cfg.resume:
+            raise FileExistsError(f"{self.last_path} exists and resume=False: move it away (or choose another "
+                                  f"output_dir) to start from scratch, or set resume=True to continue it")
+        try:
+            state = _read(self.last_path)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch") from None
+        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"cannot resume: {self.last_path} is not a gtpt training checkpoint "
+                                  f"(format {state.get('format') if isinstance(state, Mapping) else None!r})")
+        if state["variant"] != self.cfg.variant:
+            raise CheckpointError(f"cannot resume: {self.last_path} is a {state['variant']} run, this config trains "
+                                  f"{self.cfg.variant}")
+        if state["step_in_epoch"] > 0 and (state["world_size"], state["config"]["batch_size"]) != \
+                (self.ctx.world_size, self.cfg.batch_size):
+            raise CheckpointError(
+                f"cannot resume: {self.last_path} stopped inside epoch {state['epoch']} with world size "
+                f"{state['world_size']} x batch {state['config']['batch_size']}; the epoch's remaining samples are "
+                f"only defined for that layout (now {self.ctx.world_size} x {self.cfg.batch_size})")
+        return state
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        sd = state["state_dict"]
+        self.model.load_state_dict(select_ema(sd, use_ema=False), strict=True)
+        self.ema.load_state_dict(select_ema(sd, use_ema=True))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.history = list(state["metrics"])
+        self.best = state["best"]
+        if self.is_main:
+            _set_rng_state(state["rng"], self.device)
+        else:  # only rank 0's states are stored: other ranks get fresh, deterministic streams
+            _seed_everything((self.cfg.seed + self.ctx.rank) * 1_000_003 + self.global_step)
+        self.resumed_from = self.last_path
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in state["config"].items()
+                   if k not in ("resume", "max_steps") and v != getattr(self.cfg, k)}
+        self._log({"event": "resume", "checkpoint": self.last_path, "epoch": self.epoch,
+                   "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                   "changed_config": {k: list(v) for k, v in changed.items()}},
+                  f"resumed {self.last_path}: epoch {self.epoch} step {self.step_in_epoch} (global {self.global_step})"
+                  + (f"; config changed: {changed}" if changed else ""))
+
+    # -- checkpoints and logs -----------------------------------------------------------------------------------
+    def _state(self) -> Dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "variant": self.cfg.variant,
+                "state_dict": official_state_dict(self.model, self.ema),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.ctx.world_size, "config": self.cfg.to_dict(), "rng": _rng_state(self.device),
+                "metrics": self.history, "best": self.best}
+
+    def _save_last(self) -> None:
+        if self.is_main:
+            save_checkpoint(self._state(), self.last_path)
+
+    def _log(self, record: Dict[str, Any], line: Optional[str] = None) -> None:
+        if not self.is_main:
+            return
+        if line is not None:
+            print(f"[{self.cfg.variant}] {line}", flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def _validate(self, epoch: int) -> None:
+        """val_fn on the EMA model (rank 0; the other ranks wait), logged, kept in the history, best.pth on a new
+        best ``best_metric``."""
+        if self.val_fn is None:
+            return
+        if self.is_main:
+            raw = self.val_fn(self.ema.module, epoch)
+            if not isinstance(raw, Mapping) or not all(isinstance(v, (int, float)) for v in raw.values()):
+                raise TypeError(f"val_fn must return a mapping of metric names to numbers, got {raw!r}")
+            metrics = {str(k): float(v) for k, v in raw.items()}
+            entry = {"epoch": epoch, "global_step": self.global_step, **metrics}
+            self.history.append(entry)
+            key = self.cfg.best_metric
+            is_best = key in metrics and (self.best is None or metrics[key] > self.best["value"])
+            if is_best:
+                self.best = {"metric": key, "value": metrics[key], "epoch": epoch, "global_step": self.global_step}
+                save_checkpoint(official_state_dict(self.model, self.ema), self.best_path)
+            self._log({"event": "val", **entry, "best": is_best},
+                      f"val epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                      + (" (best)" if is_best else ""))
+        if self.ctx.world_size > 1:
+            dist.barrier()
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def _train_epoch(self) -> bool:
+        """Train the rest of ``self.epoch``; returns False when max_steps stopped it early."""
+        cfg, device = self.cfg, self.device
+        self.runner.train()
+        advance_scheduler(self.scheduler, self.epoch)
+        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.batch_size)
+        self.loader_generator.manual_seed(hash((cfg.seed, self.ctx.rank, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        amp_dtype = AMP_DTYPES[cfg.amp]
+        window = {"steps": 0, "images": 0, "t0": time.perf_counter()}
+        sums: Optional[Tensor] = None
+        for batch in self.loader:
+            images = batch["image"].to(device, non_blocking=True)
+            targets = [batch[k].to(device, non_blocking=True) for k in ("target_x", "target_y", "target_weight")]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = self.runner(images)
+            loss, parts = self.criterion(outputs, *targets, return_parts=True)  # fp32 whatever the logits' dtype
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            with _hold_stop_signals():
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                momentum = self.ema.update(self.model, self.global_step)
+                self.global_step += 1
+                self.step_in_epoch += 1
+            step_vals = torch.stack([loss.detach(), parts["unpruned"], parts["pruned"], parts["g2l"]])
+            sums = step_vals if sums is None else sums + step_vals
+            window["steps"] += 1
+            window["images"] += images.size(0) * self.ctx.world_size
+            self.last_loss = step_vals
+            if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                self._log_window(sums, window, momentum)
+                sums = None
+                window = {"steps": 0, "images": 0, "t0": time.perf_counter()}
+            if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                if sums is not None:
+                    self._log_window(sums, window, momentum)
+                return False
+        return True
+
+    def _log_window(self, sums: Tensor, window: Dict[str, Any], momentum: float) -> None:
+        """Mean loss parts over the steps since the last log line (this rank's batches; one device sync)."""
+        mean = (sums / window["steps"]).tolist()
+        if not all(math.isfinite(v) for v in mean):
+            raise FloatingPointError(f"non-finite loss {mean[0]} in epoch {self.epoch} before global step "
+                                     f"{self.global_step}; {self.last_path} holds the last good epoch")
+        if not self.is_main:
+            return
+        elapsed = time.perf_counter() - window["t0"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        rate = window["images"] / elapsed if elapsed > 0 else float("nan")
+        rec = {"event": "train", "epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
+               "loss": mean[0], "unpruned": mean[1], "pruned": mean[2], "g2l": mean[3], "lr": lr,
+               "ema_momentum": momentum, "images_per_s": rate}
+        self._log(rec, f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step_in_epoch}/{self.steps_per_epoch} "
+                       f"(global {self.global_step}) loss {mean[0]:.6f} (unpruned {mean[1]:.6f} pruned {mean[2]:.6f} "
+                       f"g2l {mean[3]:.6f}) lr {lr:.2e} ema_m {momentum:.6f} {rate:.1f} img/s")
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        start_step = self.global_step
+        if self.resumed_from is None:
+            self._log({"event": "start", "config": cfg.to_dict(), "world_size": self.ctx.world_size,
+                       "device": str(self.device), "steps_per_epoch": self.steps_per_epoch, "init": self.init_report},
+                      f"training {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x "
+                      f"{self.ctx.world_size} process(es) on {self.device}"
+                      + (f"; init from {cfg.init_from} ({self.init_report['source']}), new: {self.init_report['new']}"
+                         if self.init_report else ""))
+        validated_at = -1
+        try:
+            while self.epoch < cfg.epochs:
+                if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                    break
+                if not self._train_epoch():
+                    self._save_last()
+                    break
+                if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs:
+                    self._validate(self.epoch)
+                    validated_at = self.global_step
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._save_last()
+            if self.val_fn is not None and validated_at != self.global_step and self.global_step > start_step:
+                self._validate(self.epoch if self.step_in_epoch else self.epoch - 1)
+                self._save_last()
+        except KeyboardInterrupt:
+            self._save_last()
+            self._log({"event": "interrupt", "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                       "global_step": self.global_step},
+                      f"interrupted: saved {self.last_path} at epoch {self.epoch} step {self.step_in_epoch} "
+                      f"(global {self.global_step}); run again with resume=True to continue")
+            raise
+        if self.is_main:
+            save_checkpoint(official_state_dict(self.model, self.ema), self.final_path)
+        final = self.last_loss.tolist() if self.last_loss is not None else None
+        summary = {"variant": cfg.variant, "steps": self.global_step, "steps_run": self.global_step - start_step,
+                   "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "world_size": self.ctx.world_size,
+                   "final_loss": final[0] if final else None,
+                   "final_loss_parts": dict(zip(GlobalPerceivedLoss.PARTS, final[1:])) if final else None,
+                   "last_checkpoint": self.last_path, "final_checkpoint": self.final_path,
+                   "best_checkpoint": self.best_path if self.best is not None else None, "best": self.best,
+                   "metrics": self.history, "resumed_from": self.resumed_from, "init": self.init_report,
+                   "model": self.model, "ema_model": self.ema.module}
+        self._log({"event": "end", **{k: v for k, v in summary.items() if k not in ("metrics", "model", "ema_model")}},
+                  f"done: {self.global_step} steps, final loss {summary['final_loss']}, weights {self.final_path}")
+        return summary
+
+
+def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Optional[ValFn] = None,
+          device: Optional[Union[str, torch.device]] = None) -> Dict[str, Any]:
+    """Train ``cfg.variant``; returns a summary: steps, final loss and its parts, checkpoint paths, metrics, and the
+    trained ``model`` (student, unwrapped) and ``ema_model``.
+
+    ``train_dataset`` yields dicts with ``image`` (3, 256, 192), ``target_x`` (K, 384), ``target_y`` (K, 512),
+    ``target_weight`` (K,) (default: ``gtpt.data.TopDownDataset`` on the config's train paths); its ``set_epoch`` is
+    called every epoch when present. ``val_fn(ema_model, epoch)`` returns a dict of metrics (default:
+    :class:`CocoValidator` when the config has validation paths, else no validation); it runs on rank 0 every
+    ``val_every`` epochs (after 0-based epochs 4, 9, ... as the official ``epoch % 5 == 4``) and at the end.
+    Under ``torchrun`` (WORLD_SIZE > 1) it runs DDP, one process per device. SIGINT/SIGTERM save ``last.pth`` and
+    re-raise KeyboardInterrupt; calling ``train`` again with the same config continues bit-for-bit (CPU) provided the
+    dataset's augmentation depends only on (epoch, index).
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if val_fn is None and cfg.val_ann_file is not None:
+        val_fn = CocoValidator(cfg)
+    ctx, device = _setup_distributed(device)
+    try:
+        with _stop_signals_interrupt():
+            dataset = train_dataset if train_dataset is not None else _default_train_dataset(cfg)
+            return _Trainer(cfg, ctx, device, dataset, val_fn).run()
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: python -m gtpt.train ... (or torchrun --nproc_per_node=N -m gtpt.train ...)
+
+_OPTIONAL_TYPES = {"max_steps": int, "grad_clip": float}
+_CHOICES = {"amp": tuple(AMP_DTYPES), "backend": BACKENDS}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (``--lr-milestones 200 260``, ``--no-resume``), plus ``--device``."""
+    parser = argparse.ArgumentParser(prog="python -m gtpt.train",
+                                     description="Train GTPT; launch with torchrun --nproc_per_node=N for DDP.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=f.default)
+        elif f.default is None:
+            parser.add_argument(flag, type=_OPTIONAL_TYPES.get(f.name, str), default=None)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=_CHOICES.get(f.name))
+    parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if present")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_arg_parser()
+    args = vars(parser.parse_args(argv))
+    device = args.pop("device")
+    try:
+        cfg = TrainConfig(**args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        train(cfg, device=device)
+    except KeyboardInterrupt:
+        return 130  # last.pth is saved; run the same command again to resume
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
