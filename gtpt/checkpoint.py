@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded into the model (corrupt file, other variant, missing or extra tensors)."""
 
 
-def _read(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
+def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -33,7 +33,7 @@ def _read(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def _unwrap(obj: Mapping[str, Any]) -> Dict[str, Tensor]:
+def unwrap_state_dict(obj: Mapping[str, Any]) -> Dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     for key in _CONTAINER_KEYS:
@@ -74,6 +74,22 @@ def _guess_variant(sd: Mapping[str, Tensor]) -> str:
     return f"gtpt-{size}{'-wholebody' if wb else ''}"
 
 
+def read_model_state_dict(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], use_ema: bool = True
+                          ) -> Dict[str, Tensor]:
+    """The model tensors of a checkpoint (path or loaded object, official layout or ours), safely read, container
+    keys and ``module.`` prefixes stripped, the EMA copy chosen per :func:`select_ema`.
+
+    The fixed attention-mask buffers of the official GroupAttention are not tensors of our model: their semantics
+    are built into the op (``pad_token=True``). They are checked to be the official pattern, then dropped."""
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    sd = select_ema(unwrap_state_dict(raw), use_ema)
+    for k in [k for k in sd if k.endswith(".fn.fn.mask")]:
+        if not _official_group_mask(sd[k]):
+            raise CheckpointError(f"{k}: not the official GroupAttention mask (shape {tuple(sd[k].shape)})")
+        del sd[k]
+    return sd
+
+
 def load_official_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
                              use_ema: bool = True) -> nn.Module:
     """Load an official GTPT checkpoint (path or state dict) into ``model``, all or nothing.
@@ -81,14 +97,7 @@ def load_official_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLik
     Raises :class:`CheckpointError` listing every missing, unexpected and wrongly shaped tensor at once (and the
     variant the checkpoint looks like), without modifying the model.
     """
-    raw = _read(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    sd = select_ema(_unwrap(raw), use_ema)
-    # The fixed attention-mask buffers of the official GroupAttention are not parameters here: the semantics
-    # are built into the op (pad_token=True). Check they are the official pattern, then drop them.
-    for k in [k for k in sd if k.endswith(".fn.fn.mask")]:
-        if not _official_group_mask(sd[k]):
-            raise CheckpointError(f"{k}: not the official GroupAttention mask (shape {tuple(sd[k].shape)})")
-        del sd[k]
+    sd = read_model_state_dict(checkpoint, use_ema)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

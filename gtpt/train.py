@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from gtpt_kernels.backend import BACKENDS
 
 from . import profiler
-from .checkpoint import CheckpointError, _official_group_mask, _read, _unwrap, save_checkpoint, select_ema
+from .checkpoint import (CheckpointError, read_checkpoint, read_model_state_dict, save_checkpoint, select_ema,
+                         unwrap_state_dict)
 from .config import get_config
 from .loss import GlobalPerceivedLoss
 from .model import build_model
@@ -259,14 +260,10 @@ def init_from_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, M
     the model afterwards (``train`` does), as the official code re-copies it.
     """
     name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
-    raw = _read(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    full = _unwrap(raw)
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    full = unwrap_state_dict(raw)
     source = "ema" if any(k.startswith("ema_") for k in full) else "student"
-    sd = select_ema(full, use_ema=True)
-    for k in [k for k in sd if k.endswith(".fn.fn.mask")]:  # official GroupAttention masks: built into our op
-        if not _official_group_mask(sd[k]):
-            raise CheckpointError(f"{name}: {k} is not the official GroupAttention mask")
-        del sd[k]
+    sd = read_model_state_dict(full, use_ema=True)
     target = unwrap_model(model)
     own = target.state_dict()
     loaded = [k for k in own if k in sd]
@@ -519,7 +516,7 @@ class _Trainer:
             raise FileExistsError(f"{self.last_path} exists and resume=False: move it away (or choose another "
                                   f"output_dir) to start from scratch, or set resume=True to continue it")
         try:
-            state = _read(self.last_path)
+            state = read_checkpoint(self.last_path)
         except CheckpointError as e:
             raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch") from None
         if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
