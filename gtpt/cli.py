@@ -1,4 +1,4 @@
-"""The ``gtpt`` command line: ``summary``, ``flops``, ``profile``, ``env``.
+"""The ``gtpt`` command line: ``summary``, ``flops``, ``profile``, ``env``, ``train``, ``eval``, ``infer``.
 
 ``gtpt profile`` is the one-command report: parameters and FLOPs next to the paper's numbers, the FLOP saving of
 the pruned path, and latency by backend (pruned and unpruned path in the same run), written to ``reports/`` as
@@ -330,11 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("env", help="versions, hardware and registered gtpt_kernels custom ops")
     e.set_defaults(func=_cmd_env)
+
+    # Listed for help; `gtpt train ...` hands its arguments to gtpt.train's own parser (see main).
+    sub.add_parser("train", add_help=False, help="train a variant (two passes, EMA, AMP, DDP under torchrun; "
+                                                 "'gtpt train --help' for options)")
+
+    from .evaluate import add_eval_arguments, run_eval_cli
+    add_eval_arguments(sub.add_parser("eval", help="COCO / COCO-WholeBody keypoint AP of a checkpoint (pycocotools)")
+                       ).set_defaults(func=run_eval_cli)
+
+    from .inference import add_infer_arguments, run_inference_cli
+    add_infer_arguments(sub.add_parser("infer", help="estimate poses on images from person boxes; JSON + drawings")
+                        ).set_defaults(func=run_inference_cli)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+        return train_main(argv[1:], prog="gtpt train")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

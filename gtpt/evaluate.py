@@ -13,11 +13,13 @@ HRNet; ``shared/reference/gtpt-reference.md`` §7-8):
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import io
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -407,3 +409,69 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int = 32, flip_test: bo
     if results_file is not None:
         write_results(results, results_file)
     return coco_keypoint_eval(results, dataset.coco, dataset.num_keypoints, verbose=verbose)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gtpt eval
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``gtpt eval`` options (pair with ``set_defaults(func=run_eval_cli)``)."""
+    from gtpt_kernels.backend import BACKENDS
+
+    from .config import list_variants
+    parser.add_argument("--variant", default="gtpt-s",
+                        help=f"model variant (default gtpt-s): {', '.join(list_variants())}")
+    parser.add_argument("--checkpoint", help="official GTPT .pth or one of `gtpt train`'s (EMA weights are used); "
+                                             "without it the weights are random and the AP is meaningless")
+    parser.add_argument("--ann-file", required=True, help="COCO person_keypoints / COCO-WholeBody annotation JSON")
+    parser.add_argument("--image-root", required=True, help="folder holding the annotation's images")
+    parser.add_argument("--detections", help="person detection results JSON (the official test uses "
+                                             "COCO_val2017_detections_AP_H_56_person.json); default: GT boxes")
+    parser.add_argument("--det-score-thr", type=float, default=0.0, help="detection score threshold (default 0.0, "
+                                                                         "as the official test)")
+    parser.add_argument("--no-flip", action="store_true", help="no flip test")
+    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward (default 32)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument("--results", help="write the COCO results JSON here")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    return parser
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """Run ``gtpt eval``: COCO keypoint AP of a checkpoint on an annotation file, printed as a table (or JSON)."""
+    from .checkpoint import load_official_checkpoint
+    from .data import AnnotationError, TopDownDataset
+    from .model import build_model
+    try:
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        model = build_model(args.variant, backend=args.backend)
+        if args.checkpoint:
+            load_official_checkpoint(model, args.checkpoint)
+        else:
+            print(f"gtpt eval: warning: no --checkpoint, {args.variant} has random weights; the AP is meaningless",
+                  file=sys.stderr)
+        model.to(device).eval()
+        dataset = TopDownDataset(args.ann_file, args.image_root, model.cfg.num_keypoints, train=False,
+                                 detections=args.detections, det_score_threshold=args.det_score_thr)
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, flip_test=not args.no_flip, device=device,
+                           results_file=args.results, num_workers=args.workers, amp_dtype=amp)
+    except (ValueError, FileNotFoundError, AnnotationError) as e:
+        print(f"gtpt eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    rows = metrics if model.cfg.wholebody else {"keypoints": metrics}
+    print(f"{model.cfg.name} on {args.ann_file} ({len(dataset)} boxes, "
+          f"{'detections' if args.detections else 'GT boxes'}, flip test {'off' if args.no_flip else 'on'}):")
+    print("| part | " + " | ".join(STAT_NAMES) + " |")
+    print("|---|" + "---|" * len(STAT_NAMES))
+    for part, stats in rows.items():
+        print(f"| {part} | " + " | ".join(f"{stats[k]:.4f}" for k in STAT_NAMES) + " |")
+    return 0

@@ -751,9 +751,9 @@ _OPTIONAL_TYPES = {"max_steps": int, "grad_clip": float}
 _CHOICES = {"amp": tuple(AMP_DTYPES), "backend": BACKENDS}
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser(prog: str = "python -m gtpt.train") -> argparse.ArgumentParser:
     """One flag per TrainConfig field (``--lr-milestones 200 260``, ``--no-resume``), plus ``--device``."""
-    parser = argparse.ArgumentParser(prog="python -m gtpt.train",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Train GTPT; launch with torchrun --nproc_per_node=N for DDP.")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -771,8 +771,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_arg_parser()
+def main(argv: Optional[List[str]] = None, prog: str = "python -m gtpt.train") -> int:
+    parser = build_arg_parser(prog)
     args = vars(parser.parse_args(argv))
     device = args.pop("device")
     try:

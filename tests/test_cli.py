@@ -9,7 +9,7 @@ import torch
 
 from gtpt.cli import main
 
-SUBCOMMANDS = ("summary", "flops", "profile", "env")
+SUBCOMMANDS = ("summary", "flops", "profile", "env", "train", "eval", "infer")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -90,3 +90,40 @@ def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
 def test_profile_cuda_without_gpu(capsys):
     assert main(["profile", "--device", "cuda", "--no-flops"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_train_help_goes_to_the_training_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gtpt train") and "--train-ann-file" in out and "--amp" in out
+
+
+def test_eval_train_then_evaluate_checkpoint(coco_tiny, tmp_path, capsys):
+    """`gtpt train` writes model_final.pth; `gtpt eval` loads its EMA weights and scores them with pycocotools."""
+    out_dir = tmp_path / "run"
+    ann, images = f"{coco_tiny}/annotations/person_keypoints_tiny.json", f"{coco_tiny}/images"
+    assert main(["train", "--variant", "gtpt-t", "--output-dir", str(out_dir), "--train-ann-file", ann,
+                 "--train-image-root", images, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--backend", "reference", "--device", "cpu", "--log-every", "1", "--max-steps", "1"]) == 0
+    ckpt = out_dir / "model_final.pth"
+    assert ckpt.is_file()
+    capsys.readouterr()
+    results = tmp_path / "results.json"
+    assert main(["eval", "--variant", "gtpt-t", "--checkpoint", str(ckpt), "--ann-file", ann, "--image-root",
+                 images, "--backend", "reference", "--device", "cpu", "--batch-size", "8", "--results",
+                 str(results), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"AP", "AP50", "AR"} and all(-1.0 <= v <= 1.0 for v in metrics.values())
+    preds = json.loads(results.read_text())
+    assert len(preds) >= 1 and len(preds[0]["keypoints"]) == 17 * 3
+
+
+def test_eval_bad_annotation_file_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "ann.json"
+    bad.write_text("{not json")
+    assert main(["eval", "--variant", "gtpt-t", "--ann-file", str(bad), "--image-root", str(tmp_path),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gtpt eval: error:") and "ann.json" in err[-1]
