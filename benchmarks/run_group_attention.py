@@ -451,11 +451,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    interrupt_on_stop_signals()  # a timeout's SIGTERM / SIGINT ends the sweep; the tables are still written
     env = environment(device)
     print("MHGA benchmark:", json.dumps(env))
-    rows = run_all([SHAPES[s] for s in args.shapes], args.batch, args.dtype, args.impls, args.modes, device,
-                   args.warmup, args.rep, args.compile_mode, args.budget_s)
+    with interrupt_on_stop_signals():  # a timeout's SIGTERM / SIGINT ends the sweep; the tables are still written
+        rows = run_all([SHAPES[s] for s in args.shapes], args.batch, args.dtype, args.impls, args.modes, device,
+                       args.warmup, args.rep, args.compile_mode, args.budget_s)
     md = to_markdown(rows, env)
     print()
     print(md)

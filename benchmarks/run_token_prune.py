@@ -440,9 +440,9 @@ def main(argv=None) -> int:
     else:
         device, batches, dtypes, sites = "cuda", args.batch, args.dtype, args.sites
 
-    interrupt_on_stop_signals()  # a timeout's SIGTERM / SIGINT ends the sweep; the tables are still written
     print(HEADER)
-    rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep, args.budget_s)
+    with interrupt_on_stop_signals():  # a timeout's SIGTERM / SIGINT ends the sweep; the tables are still written
+        rows = run(sites, batches, dtypes, device, compile_mode, args.warmup, args.rep, args.budget_s)
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"env": environment(device), "compile_mode": compile_mode, "warmup": args.warmup, "rep": args.rep,
               "targets": check_targets(rows), "rows": rows}

@@ -209,11 +209,11 @@ def _cmd_profile(args) -> int:
             if progress is not None:
                 print(f"interleaved pruned/unpruned {v} B={b} {dtype}: speedup {r['speedup_median']:.2f}x (median), "
                       f"{r['speedup_min']:.2f}x (min)", file=progress, flush=True)
-    profiler.interrupt_on_stop_signals()  # a timeout's SIGTERM ends the sweep, the report is still written
-    results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes, dtypes=args.dtypes,
-                               modes=args.modes, paths=args.paths, device=device, warmup=args.warmup,
-                               repeats=args.repeats, per_stage=not args.no_stages, progress=progress,
-                               budget_s=args.budget_s)
+    with profiler.interrupt_on_stop_signals():  # a timeout's SIGTERM ends the sweep, the report is still written
+        results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes,
+                                   dtypes=args.dtypes, modes=args.modes, paths=args.paths, device=device,
+                                   warmup=args.warmup, repeats=args.repeats, per_stage=not args.no_stages,
+                                   progress=progress, budget_s=args.budget_s)
     meta = profiler.environment_info(device)
     meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
                  "wall_s": round(time.perf_counter() - t_start, 1)})

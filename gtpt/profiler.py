@@ -31,9 +31,10 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -113,12 +114,23 @@ def environment_info(device: Optional[str] = None) -> Dict[str, object]:
 # ----------------------------------------------------------------------------------------------------------------
 # timers
 
-def interrupt_on_stop_signals() -> None:
-    """Make SIGINT and SIGTERM raise KeyboardInterrupt in this process, so a time-boxed run (``timeout``) ends its
-    sweep and still writes its report. SIGINT needs resetting too: a shell without job control starts background
-    jobs with SIGINT ignored, and Python then leaves it ignored. Main thread only."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+@contextlib.contextmanager
+def interrupt_on_stop_signals() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise KeyboardInterrupt, so a time-boxed run (``timeout``, a cluster's
+    kill) ends its sweep or epoch and still writes its report or checkpoint; the previous handlers are restored
+    afterwards. SIGINT needs setting too: a shell without job control starts background jobs with SIGINT ignored,
+    and Python then leaves it ignored. Outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 class _Timer:
@@ -367,7 +379,7 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
     configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep. With
     ``budget_s``, configurations that would start after that many seconds are recorded as skipped; after a
-    KeyboardInterrupt (SIGINT; SIGTERM too after :func:`interrupt_on_stop_signals`) the one in flight and the rest
+    KeyboardInterrupt (SIGINT; SIGTERM too inside :func:`interrupt_on_stop_signals`) the one in flight and the rest
     are recorded as skipped and the sweep returns, so a time-boxed run still writes its report."""
     for name, values, valid in (("backend", backends, BACKENDS), ("dtype", dtypes, DTYPES),
                                 ("mode", modes, MODES), ("path", paths, PATHS)):

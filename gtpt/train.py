@@ -358,22 +358,6 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    """SIGINT/SIGTERM raise KeyboardInterrupt while training (:func:`gtpt.profiler.interrupt_on_stop_signals`), so a
-    scheduler's kill or a timeout still writes last.pth; the previous handlers are restored afterwards."""
-    if not _main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
-    profiler.interrupt_on_stop_signals()
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
 def _hold_stop_signals() -> Iterator[None]:
     """Defer a stop signal until the block ends: the optimizer step, EMA update and step counters commit together, so
     an interrupt never saves a half-updated state."""
@@ -736,7 +720,7 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
         val_fn = CocoValidator(cfg)
     ctx, device = _setup_distributed(device)
     try:
-        with _stop_signals_interrupt():
+        with profiler.interrupt_on_stop_signals():
             dataset = train_dataset if train_dataset is not None else _default_train_dataset(cfg)
             return _Trainer(cfg, ctx, device, dataset, val_fn).run()
     finally:
