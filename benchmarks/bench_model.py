@@ -15,7 +15,6 @@ versions go to ``benchmark.extra_info``. The timed callable is :func:`gtpt.profi
 import functools
 
 import pytest
-import torch
 
 from conftest import record_environment, synchronized
 from gtpt.config import get_config

@@ -7,9 +7,10 @@ the model before touching it, and loads with ``weights_only=True`` (no arbitrary
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Union
+from typing import IO, Any, Dict, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -121,15 +122,17 @@ def load_official_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLik
     return model
 
 
-def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then atomically rename over ``path``."""
+@contextlib.contextmanager
+def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success fsync it and atomically rename it over
+    ``path``, on any error remove it. Readers see the old file or the new one, never a truncated one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,3 +140,9 @@ def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` through :func:`atomic_write`: an interrupted save never leaves a truncated file behind."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)

@@ -4,7 +4,7 @@ Numbers from ``shared/reference/gtpt-reference.md`` §1 (the official yaml files
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 

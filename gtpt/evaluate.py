@@ -20,7 +20,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from . import keypoints as kpmeta
+from .checkpoint import atomic_write
 from .transforms import PIXEL_STD, affine_points, get_affine_transform
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -379,21 +379,9 @@ def coco_keypoint_eval(results: Sequence[Mapping[str, Any]], coco_gt: Union[COCO
 # ----------------------------------------------------------------------------------------------------------------
 
 def write_results(results: Sequence[Mapping[str, Any]], path: Union[str, os.PathLike]) -> None:
-    """Write results as JSON atomically (temporary file in the same folder, fsync, rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(results), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write results as JSON atomically (:func:`gtpt.checkpoint.atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        json.dump(list(results), f)
 
 
 def evaluate(model: nn.Module, dataset: Any, batch_size: int = 32, flip_test: bool = True,

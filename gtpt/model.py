@@ -10,10 +10,9 @@ official student copy (``features.*``, ``mlp_head_x/y.*``). Attention, softmax p
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gtpt_kernels import group_attention, token_prune
@@ -21,7 +20,7 @@ from gtpt_kernels.backend import BACKENDS
 from gtpt_kernels.reference import split_qkv
 
 from .config import GTPTConfig, get_config
-from .keypoints import NUM_SPARSE_PER_GROUP, WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
+from .keypoints import WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +312,7 @@ class Transformer(nn.Module):
     def fine(self, x: Tensor, pos: Tensor, keep_rates: Sequence[float]) -> Tensor:
         """Fine layers on (B, 3, 6 + dense + visual, C). Returns the keypoint features in output order."""
         cfg = self.cfg
-        G, S, H = cfg.num_groups, cfg.num_sparse, cfg.heads
+        S, H = cfg.num_sparse, cfg.heads
         for idx, (attn, ff) in enumerate(self.group_layers):
             x[:, :, S:] += pos  # masked PE (zero for dense tokens), re-added at every fine layer
             x, qkv = attn(x)

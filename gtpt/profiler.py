@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import atomic_write
 from .config import get_config
 from .flops import FLOP_STAGES, PathRunner, stage_scopes
 
@@ -566,10 +567,8 @@ def write_report(out_dir: str, results: Sequence[LatencyResult], flops: Sequence
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "markdown": os.path.join(out_dir, f"{stem}.md")}
     data = {"meta": meta if meta is not None else environment_info(), "flops": list(flops),
             "latency": [asdict(r) for r in results], "pruning_speedup": pruning_speedups(results), **(extra or {})}
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(paths["json"], "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(tmp, paths["json"])
     md = (markdown_prefix + "\n\n" if markdown_prefix else "") + "## Latency\n\n" + latency_markdown(results) + markdown_suffix + "\n"
     with open(paths["markdown"], "w") as f:
         f.write(md)

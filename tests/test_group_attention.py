@@ -7,7 +7,6 @@ tiny there (each program costs ~50-100 ms). Cases marked ``gpu`` run GTPT-sized 
 Every kernel output buffer is pre-filled with NaN (``_POISON_OUTPUTS``), so an element a kernel forgets to write
 fails the finiteness checks.
 """
-import os
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The lean GTPT model against the official implementation's numbers, shapes, names and forward semantics."""
 import io
-import os
 from pathlib import Path
 
 import pytest

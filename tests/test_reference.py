@@ -1,5 +1,4 @@
 """The reference ops (the contract) against naive per-group / per-token loops, and the backend switch."""
-import os
 
 import pytest
 import torch
