@@ -15,6 +15,7 @@ setup(
         "fvcore",
         "pycocotools",
         "matplotlib",
+        "pillow",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},
