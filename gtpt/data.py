@@ -41,16 +41,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from .keypoints import WHOLEBODY_PARTS, flip_permutation
+from .keypoints import WHOLEBODY_FIELDS, WHOLEBODY_PARTS, flip_permutation
 from .transforms import (PIXEL_STD, affine_points, box_to_center_scale, get_affine_transform, load_image,
                          to_model_input, warp_affine)
 
 PathLike = Union[str, os.PathLike]
 
-# Annotation fields concatenated, in this order, into the 133 WholeBody joints (``coco_wholebody.py``).
-WHOLEBODY_FIELDS: Tuple[Tuple[str, str], ...] = (
-    ("keypoints", "body"), ("foot_kpts", "foot"), ("face_kpts", "face"), ("lefthand_kpts", "lefthand"),
-    ("righthand_kpts", "righthand"))
 # ``upper_body_ids`` of ``coco.py`` / ``coco_wholebody.py``; every other joint counts as lower body.
 UPPER_BODY_IDS: Dict[int, Tuple[int, ...]] = {17: tuple(range(11)), 133: tuple(range(11)) + tuple(range(23, 133))}
 PERSON_CATEGORY = 1

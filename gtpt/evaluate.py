@@ -38,7 +38,7 @@ from .transforms import PIXEL_STD, affine_points, get_affine_transform
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 WHOLEBODY_EVAL_PARTS = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
 # The COCO-WholeBody annotation fields, in the order the 133 keypoints are concatenated.
-WHOLEBODY_GT_FIELDS = ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts")
+WHOLEBODY_GT_FIELDS = tuple(field for field, _ in kpmeta.WHOLEBODY_FIELDS)
 IN_VIS_THRESHOLD = 0.01   # official TEST.IN_VIS_THRE
 OKS_NMS_THRESHOLD = 0.9   # official TEST.OKS_THRE
 

@@ -46,6 +46,10 @@ WHOLEBODY_FLIP_PAIRS = (COCO_FLIP_PAIRS + ((17, 20), (18, 21), (19, 22))
 # Slices of the 133 WholeBody keypoints by part (loader order body | foot | face | lhand | rhand).
 WHOLEBODY_PARTS = {"body": slice(0, 17), "foot": slice(17, 23), "face": slice(23, 91),
                    "lefthand": slice(91, 112), "righthand": slice(112, 133)}
+# The COCO-WholeBody annotation field of each part, in the order the loader concatenates them
+# (official ``lib/dataset/coco_wholebody.py``).
+WHOLEBODY_FIELDS = (("keypoints", "body"), ("foot_kpts", "foot"), ("face_kpts", "face"),
+                    ("lefthand_kpts", "lefthand"), ("righthand_kpts", "righthand"))
 
 
 @dataclass(frozen=True)
