@@ -411,6 +411,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"model variant (default gtpt-s): {', '.join(list_variants())}")
     parser.add_argument("--checkpoint", help="official GTPT .pth or one of `gtpt train`'s (EMA weights are used); "
                                              "without it the weights are random and the AP is meaningless")
+    parser.add_argument("--weights", choices=("ema", "student"), default="ema",
+                        help="which copy of a checkpoint holding both to score (default ema, as the official test; "
+                             "student is useful early in a run, while the EMA still lags)")
     parser.add_argument("--ann-file", required=True, help="COCO person_keypoints / COCO-WholeBody annotation JSON")
     parser.add_argument("--image-root", required=True, help="folder holding the annotation's images")
     parser.add_argument("--detections", help="person detection results JSON (the official test uses "
@@ -439,7 +442,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         model = build_model(args.variant, backend=args.backend)
         if args.checkpoint:
-            load_official_checkpoint(model, args.checkpoint)
+            load_official_checkpoint(model, args.checkpoint, use_ema=args.weights == "ema")
         else:
             print(f"gtpt eval: warning: no --checkpoint, {args.variant} has random weights; the AP is meaningless",
                   file=sys.stderr)

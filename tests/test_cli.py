@@ -118,6 +118,11 @@ def test_eval_train_then_evaluate_checkpoint(coco_tiny, tmp_path, capsys):
     assert set(metrics) >= {"AP", "AP50", "AR"} and all(-1.0 <= v <= 1.0 for v in metrics.values())
     preds = json.loads(results.read_text())
     assert len(preds) >= 1 and len(preds[0]["keypoints"]) == 17 * 3
+    # The student copy differs from the EMA after a step, so its predictions do too.
+    student = tmp_path / "student.json"
+    assert main(["eval", "--variant", "gtpt-t", "--checkpoint", str(ckpt), "--weights", "student", "--ann-file", ann,
+                 "--image-root", images, "--backend", "reference", "--device", "cpu", "--results", str(student)]) == 0
+    assert json.loads(student.read_text()) != preds
 
 
 def test_eval_bad_annotation_file_is_one_line_error(tmp_path, capsys):
