@@ -125,6 +125,30 @@ def test_eval_train_then_evaluate_checkpoint(coco_tiny, tmp_path, capsys):
     assert json.loads(student.read_text()) != preds
 
 
+def test_curriculum_body_run_initialises_wholebody_run(coco_tiny, tmp_path, capsys):
+    """The README's curriculum through the command line: a body run's model_final.pth initialises a WholeBody run
+    (--init-from) on the WholeBody annotations, whose checkpoint `gtpt eval` scores on all six parts."""
+    images = f"{coco_tiny}/images"
+    common = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--backend", "reference", "--device", "cpu",
+              "--max-steps", "1"]
+    body = tmp_path / "body"
+    assert main(["train", "--variant", "gtpt-t", "--output-dir", str(body), "--train-ann-file",
+                 f"{coco_tiny}/annotations/person_keypoints_tiny.json", "--train-image-root", images] + common) == 0
+    wb_ann = f"{coco_tiny}/annotations/coco_wholebody_tiny.json"
+    wb = tmp_path / "wholebody"
+    assert main(["train", "--variant", "gtpt-t-wholebody", "--output-dir", str(wb), "--train-ann-file", wb_ann,
+                 "--train-image-root", images, "--init-from", str(body / "model_final.pth")] + common) == 0
+    start = json.loads((wb / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start"
+    assert start["init"]["new"] == ["features.extra_token", "features.fine_keypoint_token"]
+    capsys.readouterr()
+    assert main(["eval", "--variant", "gtpt-t-wholebody", "--checkpoint", str(wb / "model_final.pth"), "--ann-file",
+                 wb_ann, "--image-root", images, "--backend", "reference", "--device", "cpu", "--no-flip",
+                 "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"body", "foot", "face", "lefthand", "righthand", "wholebody"}
+
+
 def test_eval_bad_annotation_file_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "ann.json"
     bad.write_text("{not json")
