@@ -435,9 +435,12 @@ def test_predict_and_evaluate_end_to_end(coco_tiny, gtpt_t, tmp_path, one_thread
     gtpt_t.eval()
     assert len(raw) == len(ds) == 12
     _check_results_format(raw, 17, ds.coco)
-    # Rescoring: box score 1 x mean confidence of joints above 0.01.
-    kp = np.asarray(raw[0]["keypoints"]).reshape(17, 3)
-    assert raw[0]["score"] == pytest.approx(kp[kp[:, 2] > 0.01, 2].mean())
+    # Rescoring: box score 1 x mean confidence of joints above 0.01, 0 when none is (random weights give
+    # near-uniform SimCC probabilities, ~1/384, so which case occurs depends on the initialisation).
+    for r in raw:
+        kp = np.asarray(r["keypoints"]).reshape(17, 3)
+        confident = kp[:, 2] > 0.01
+        assert r["score"] == pytest.approx(kp[confident, 2].mean() if confident.any() else 0.0)
     assert raw[0]["area"] == pytest.approx(np.prod(np.asarray(raw[0]["scale"]) * 200))
     nmsed = predict(gtpt_t, loader, flip_test=False)
     assert 1 <= len(nmsed) <= 12

@@ -101,7 +101,8 @@ def test_estimate_rescoring_and_nms(estimator, image_path, one_thread):
     for p in people:
         i = [0, 1][p["box"] == BOXES[1].tolist()]
         conf = kps[i, :, 2]
-        assert p["score"] == pytest.approx(p["box_score"] * conf[conf > 0.01].mean())
+        confident = conf > 0.01  # random weights: near-uniform probabilities, possibly none above 0.01
+        assert p["score"] == pytest.approx(p["box_score"] * conf[confident].mean() if confident.any() else 0.0)
         np.testing.assert_allclose(p["keypoints"], kps[i], atol=1e-6)
     assert people[0]["score"] >= people[1]["score"]
     assert len(estimator.estimate(image_path, boxes, nms_threshold=None)) == 3
