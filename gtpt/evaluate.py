@@ -407,6 +407,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     from gtpt_kernels.backend import BACKENDS
 
     from .config import list_variants
+    from .train import AMP_DTYPES
     parser.add_argument("--variant", default="gtpt-s",
                         help=f"model variant (default gtpt-s): {', '.join(list_variants())}")
     parser.add_argument("--checkpoint", help="official GTPT .pth or one of `gtpt train`'s (EMA weights are used); "
@@ -425,7 +426,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
     parser.add_argument("--results", help="write the COCO results JSON here")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
@@ -436,6 +437,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     from .checkpoint import load_official_checkpoint
     from .data import AnnotationError, TopDownDataset
     from .model import build_model
+    from .train import AMP_DTYPES
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError("--batch-size must be >= 1 and --workers >= 0")
@@ -449,7 +451,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         model.to(device).eval()
         dataset = TopDownDataset(args.ann_file, args.image_root, model.cfg.num_keypoints, train=False,
                                  detections=args.detections, det_score_threshold=args.det_score_thr)
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        amp = AMP_DTYPES[args.amp]
         metrics = evaluate(model, dataset, batch_size=args.batch_size, flip_test=not args.no_flip, device=device,
                            results_file=args.results, num_workers=args.workers, amp_dtype=amp)
     except (ValueError, FileNotFoundError, AnnotationError) as e:
