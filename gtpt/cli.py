@@ -213,7 +213,7 @@ def _cmd_profile(args) -> int:
         results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes,
                                    dtypes=args.dtypes, modes=args.modes, paths=args.paths, device=device,
                                    warmup=args.warmup, repeats=args.repeats, per_stage=not args.no_stages,
-                                   progress=progress, budget_s=args.budget_s)
+                                   progress=progress, budget_s=args.budget_s, op_breakdown=args.op_breakdown)
     meta = profiler.environment_info(device)
     meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
                  "wall_s": round(time.perf_counter() - t_start, 1)})
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Writes profile.json, profile.md and profile.png to --out-dir. Defaults fit "
                                     "a 2-core CPU in a few minutes; for a GPU sweep use e.g. --device cuda "
                                     "--batch-sizes 1 32 128 --dtypes fp32 bf16 --backends reference triton "
-                                    "compile compile-reduce-overhead cudagraph.")
+                                    "compile compile-reduce-overhead compile-triton cudagraph.")
     pr.add_argument("--variants", nargs="+", metavar="VARIANT",
                     help=f"variants or 'all' (default: gtpt-t gtpt-s): {names}")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--budget-s", type=float, default=None,
                     help="start no new latency config after this many seconds; the rest are reported as skipped")
     pr.add_argument("--no-stages", action="store_true", help="skip the per-stage timing pass")
+    pr.add_argument("--op-breakdown", action="store_true",
+                    help="also profile each config with torch.profiler: time per kernel (CUDA) or operator (CPU), "
+                         "summed by category (fused attention, pruning, GEMM, norms, elementwise, ...)")
     pr.add_argument("--no-flops", action="store_true", help="skip parameter and FLOP counting")
     pr.add_argument("--out-dir", default="reports", help="report directory (default: reports/)")
     pr.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -8,6 +8,9 @@ Backends:
 * ``compile`` - ``torch.compile`` of the reference model (default mode);
 * ``compile-reduce-overhead`` - ``torch.compile(mode="reduce-overhead")`` of the reference model (Inductor plus
   its own CUDA graphs; CUDA only);
+* ``compile-triton`` / ``compile-triton-reduce-overhead`` - the same two compiles of the model on the Triton
+  kernels: attention and pruning stay our kernels (custom ops are opaque to Inductor), Inductor fuses the norms,
+  activations, residual and position-embedding adds around them (CUDA only);
 * ``cudagraph`` / ``cudagraph-reference`` - replay of a ``torch.cuda.CUDAGraph`` captured from the triton /
   reference model (CUDA only, inference only).
 
@@ -20,6 +23,11 @@ eager backends in inference. Stages: stem, patch embedding, coarse encoder (with
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the timed iterations (absolute, weights included).
 On CPU there is no allocator high-water mark to read, so the peak is reported as unavailable (``None``) rather
 than guessed.
+
+Op breakdown (``op_breakdown=True``): where the time of one step goes, from ``torch.profiler`` over a few extra
+iterations - on CUDA the device time of every kernel (grouped by kernel name), on CPU the self time of every
+operator - summed into categories (fused attention / pruning kernels, GEMM, normalisation, elementwise, ...; see
+:func:`op_category`) plus the top entries by name. It is what decides which further fusions would pay.
 """
 from __future__ import annotations
 
@@ -44,7 +52,13 @@ from .checkpoint import atomic_write
 from .config import get_config
 from .flops import FLOP_STAGES, PathRunner, stage_scopes
 
-BACKENDS = ("reference", "triton", "compile", "compile-reduce-overhead", "cudagraph", "cudagraph-reference")
+BACKENDS = ("reference", "triton", "compile", "compile-reduce-overhead", "compile-triton",
+            "compile-triton-reduce-overhead", "cudagraph", "cudagraph-reference")
+# torch.compile mode per compile backend (None: the default mode)
+_COMPILE_MODES = {"compile": None, "compile-reduce-overhead": "reduce-overhead", "compile-triton": None,
+                  "compile-triton-reduce-overhead": "reduce-overhead"}
+# backends whose model runs on the Triton kernels
+_ON_TRITON = ("triton", "cudagraph", "compile-triton", "compile-triton-reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("inference", "train")
 PATHS = ("pruned", "unpruned")
@@ -70,6 +84,7 @@ class LatencyResult:
     images_per_s: Optional[float] = None
     per_stage_ms: Optional[Dict[str, float]] = None
     peak_memory_mb: Optional[float] = None
+    op_breakdown: Optional[Dict[str, object]] = None  # see measure_op_breakdown()
 
     @property
     def label(self) -> str:
@@ -218,7 +233,7 @@ def _simcc_objective(out) -> Tensor:
 
 
 def _skip_reason(backend: str, mode: str, path: str, device: torch.device) -> Optional[str]:
-    if backend == "triton" and device.type != "cuda":
+    if backend in _ON_TRITON and device.type != "cuda":
         return "triton kernels need CUDA (on CPU they run in the Triton interpreter, too slow to time)"
     if backend == "compile-reduce-overhead" and device.type != "cuda":
         return "reduce-overhead compiles to CUDA graphs: CUDA only"
@@ -250,7 +265,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
     if reason:
         raise RuntimeError(reason)
     torch.manual_seed(0)
-    kernels = "triton" if backend in ("triton", "cudagraph") else "reference"
+    kernels = "triton" if backend in _ON_TRITON else "reference"
     if model is None:
         model = build_model(cfg.name, backend=kernels)
     model.set_backend(kernels)
@@ -259,7 +274,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
     rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
     runner = PathRunner(model, rates)
-    compile_mode = {"compile": None, "compile-reduce-overhead": "reduce-overhead"}
+    compile_mode = _COMPILE_MODES
     if backend in compile_mode:
         # Dynamo caches compiled code per code object (PathRunner.forward / GTPT.forward), shared by every
         # config of a sweep; past its recompile limit (8) it silently runs eager. A fresh cache per config keeps
@@ -289,9 +304,11 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
 
 def profile_config(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
                    mode: str = "inference", path: str = "pruned", device: str = "cpu", warmup: int = 3,
-                   repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None) -> LatencyResult:
+                   repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None,
+                   op_breakdown: bool = False) -> LatencyResult:
     """Measure one configuration (see the module docstring). ``model`` may be passed to reuse a built model
-    (it is moved / cast in place)."""
+    (it is moved / cast in place). ``op_breakdown`` adds :func:`measure_op_breakdown` of the step (not for CUDA-graph
+    replay, whose kernels the profiler does not see one by one)."""
     cfg = get_config(variant)
     dev = torch.device(device)
     if mode == "train":
@@ -342,9 +359,91 @@ def profile_config(variant: str, backend: str = "reference", batch_size: int = 1
                 for s, v in _stages_from_marks(marks, timer).items():
                     samples[s].append(v)
         res.per_stage_ms = {s: statistics.median(v) for s, v in samples.items()}
+    if op_breakdown and not backend.startswith("cudagraph"):
+        try:
+            res.op_breakdown = measure_op_breakdown(step, dev, iters=min(repeats, 5))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a profiler failure must not cost the latency figures already measured
+            res.op_breakdown = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     if dev.type == "cpu":
         res.note = "peak memory n/a on CPU (no allocator high-water mark)"
     return res
+
+# (category, substrings of the lower-cased kernel / operator name), first match wins. Our kernels first, then
+# Inductor's generated kernels (their names also contain the fused ops' names), then by what the name says.
+_OP_CATEGORIES = (
+    ("fused attention (MHGA kernels)", ("_mhga_", "group_attention")),
+    ("fused pruning (token_prune kernel)", ("_prune_kernel", "token_prune", "softmax_pool_scores")),
+    ("Inductor-generated (triton_*)", ("triton_", "compiledfunction", "torchdynamo", "inductor")),
+    ("GEMM / matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "aten::linear", "cublas", "cutlass", "nvjet",
+                       "xmma", "sm90_", "sm80_", "scaled_dot_product", "flash", "fmha")),
+    ("convolution", ("conv", "cudnn", "winograd", "implicit_gemm")),
+    ("normalisation", ("layer_norm", "batch_norm", "bn_fw", "native_norm", "_norm")),
+    ("softmax", ("softmax",)),
+    ("top-k / sort / gather / index", ("topk", "sort", "radix", "gather", "scatter", "index", "masked_select")),
+    ("copies / layout / fill", ("copy", "memcpy", "memset", "aten::cat", "catarray", "contiguous", "clone",
+                                "fill", "aten::zero", "aten::empty", "aten::ones", "transpose", "permute",
+                                "aten::to", "_to_copy")),
+    ("elementwise / reductions", ("elementwise", "reduce", "relu", "clamp", "aten::add", "aten::mul", "aten::sub", "aten::div",
+                                  "gelu", "sigmoid", "aten::exp", "aten::where", "aten::sum", "aten::mean",
+                                  "aten::max", "aten::sin", "aten::cos", "aten::neg", "aten::rsqrt", "aten::pow")),
+)
+
+
+def op_category(name: str) -> str:
+    """The category of a kernel (CUDA) or operator (CPU) name in :func:`measure_op_breakdown`; "other" if none fits."""
+    n = name.lower()
+    for cat, keys in _OP_CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def measure_op_breakdown(step: Callable[[], object], device: torch.device, iters: int = 5, top: int = 15
+                 ) -> Dict[str, object]:
+    """Profile ``iters`` calls of ``step`` (after one untimed call) with ``torch.profiler`` and return where the
+    time goes, per step: ``{"measure", "total_ms", "categories": {name: ms}, "top": [{"name", "category", "ms",
+    "calls", "share"}]}``. On CUDA ``measure`` is the device time of kernels, copies and memsets (what the GPU
+    was busy with; gaps between kernels are not in it); on CPU it is the self time of every operator."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+    rows: Dict[str, List[float]] = {}
+    for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False) or e.key.startswith("ProfilerStep"):
+            continue  # record_function ranges span other entries: counting them would count twice
+        if cuda:
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+        else:
+            us = float(e.self_cpu_time_total)
+        if us > 0:
+            r = rows.setdefault(e.key, [0.0, 0])
+            r[0] += us
+            r[1] += int(e.count)
+    total_us = sum(r[0] for r in rows.values())
+    cats: Dict[str, float] = {}
+    for name, (us, _) in rows.items():
+        cat = op_category(name)
+        cats[cat] = cats.get(cat, 0.0) + us / 1e3 / iters
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"measure": "CUDA kernel time" if cuda else "CPU operator self time", "iters": iters,
+            "total_ms": total_us / 1e3 / iters,
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": name, "category": op_category(name), "ms": us / 1e3 / iters, "calls": calls / iters,
+                     "share": us / total_us if total_us else 0.0} for name, (us, calls) in ranked]}
 
 
 def _cuda_graph(runner: nn.Module, images: Tensor) -> Callable[[Tensor], object]:
@@ -376,7 +475,8 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
             batch_sizes: Sequence[int] = (1, 8), dtypes: Sequence[str] = ("fp32",),
             modes: Sequence[str] = ("inference",), paths: Sequence[str] = ("pruned", "unpruned"),
             device: str = "cpu", warmup: int = 3, repeats: int = 10, per_stage: bool = True,
-            progress: Optional[TextIO] = sys.stderr, budget_s: Optional[float] = None) -> List[LatencyResult]:
+            progress: Optional[TextIO] = sys.stderr, budget_s: Optional[float] = None,
+            op_breakdown: bool = False) -> List[LatencyResult]:
     """Measure every combination; one progress line per configuration goes to ``progress``. Errors in one
     configuration (e.g. out of memory) are recorded with status ``"error"`` and do not stop the sweep. With
     ``budget_s``, configurations that would start after that many seconds are recorded as skipped; after a
@@ -399,7 +499,16 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
     # torch.compile configs go last: after inductor's CPU kernels have run in this process, every eager op was
     # measured ~10x slower on a 2-core CPU (a second OpenMP thread pool spinning; torch._dynamo.reset() does not
     # help), which would corrupt every eager measurement taken after it.
-    combos.sort(key=lambda c: c[1].startswith("compile"))
+    # Among them, the most important case first across every compile backend (order of --dtypes, --batch-sizes,
+    # paths as given): each compile costs tens of seconds, so a time-boxed sweep should not spend its budget on
+    # every case of the first compile backend before the second one has run once.
+    def order(c):
+        v, be, b, dt, m, p = c
+        if not be.startswith("compile"):
+            return (0,)
+        return (1, names.index(v), modes.index(m), list(dtypes).index(dt), list(batch_sizes).index(b),
+                ("pruned", "unpruned", "both").index(p), list(backends).index(be))
+    combos.sort(key=order)
     results = []
     t_sweep = time.perf_counter()
     interrupted = False
@@ -411,7 +520,8 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
                                          note=note))
             continue
         try:
-            r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage)
+            r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage,
+                               op_breakdown=op_breakdown)
         except KeyboardInterrupt:  # e.g. a timeout's signal: keep what was measured, report the rest as skipped
             interrupted = True
             r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
@@ -504,6 +614,29 @@ def latency_markdown(results: Sequence[LatencyResult]) -> str:
                   "| config | " + " | ".join(FLOP_STAGES) + " |", "|---|" + "---:|" * len(FLOP_STAGES)]
         for r in staged:
             lines.append(f"| {r.label} | " + " | ".join(f"{r.per_stage_ms[s]:.2f}" for s in FLOP_STAGES) + " |")
+    failed = [r for r in results if r.op_breakdown and "error" in r.op_breakdown]
+    broken = [r for r in results if r.op_breakdown and "error" not in r.op_breakdown]
+    if failed:
+        lines += ["", "Op breakdown failed: " + "; ".join(f"{r.label}: {r.op_breakdown['error']}" for r in failed)]
+    if broken:
+        lines += ["", "Op breakdown (per step; ms and share of the measured total; CUDA: kernel time, CPU: operator "
+                      "self time):", ""]
+        cats = []
+        for r in broken:
+            cats += [c for c in r.op_breakdown["categories"] if c not in cats]
+        lines += ["| config | total ms | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+        for r in broken:
+            ob = r.op_breakdown
+            cells = [f"{ob['categories'][c]:.3f} ({ob['categories'][c] / ob['total_ms']:.0%})"
+                     if c in ob["categories"] and ob["total_ms"] else "" for c in cats]
+            lines.append(f"| {r.label} | {ob['total_ms']:.3f} | " + " | ".join(cells) + " |")
+        for r in broken:
+            lines += ["", f"Top entries, {r.label}:", "", "| name | category | ms | calls | share |",
+                      "|---|---|---:|---:|---:|"]
+            for t in r.op_breakdown["top"]:
+                name = t["name"].replace("|", "/")
+                name = name if len(name) <= 90 else name[:87] + "..."
+                lines.append(f"| `{name}` | {t['category']} | {t['ms']:.3f} | {t['calls']:g} | {t['share']:.1%} |")
     sp = pruning_speedups(results)
     if sp:
         lines += ["", "Pruned vs unpruned path (inference, same run):", "",

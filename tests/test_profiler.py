@@ -6,8 +6,8 @@ import torch
 
 from gtpt import build_model
 from gtpt.flops import FLOP_STAGES, count_flops
-from gtpt.profiler import (LatencyResult, build_step, compare_paths, latency_markdown, profile, profile_config,
-                           pruning_speedups, write_report)
+from gtpt.profiler import (LatencyResult, build_step, compare_paths, latency_markdown, measure_op_breakdown,
+                           op_category, profile, profile_config, pruning_speedups, write_report)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -37,7 +37,8 @@ def test_profile_config_train_step_cpu(tiny_model):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip notes")
-@pytest.mark.parametrize("backend", ["triton", "cudagraph", "cudagraph-reference", "compile-reduce-overhead"])
+@pytest.mark.parametrize("backend", ["triton", "cudagraph", "cudagraph-reference", "compile-reduce-overhead",
+                                     "compile-triton", "compile-triton-reduce-overhead"])
 def test_gpu_only_backends_skip_on_cpu(backend):
     r = profile_config("gtpt-t", backend, batch_size=1, repeats=1)
     assert r.status == "skipped" and ("CUDA" in r.note)
@@ -113,6 +114,77 @@ def test_compile_configs_start_from_a_fresh_dynamo_cache(monkeypatch, tiny_model
     assert calls == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile-triton needs CUDA")
+def test_compile_triton_compiles_the_model_on_the_kernels(monkeypatch, tiny_model):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: calls.append(mode) or fn)
+    step = build_step("gtpt-t", "compile-triton-reduce-overhead", 1, "fp32", "inference", "pruned", "cuda",
+                      model=tiny_model)
+    assert calls == ["reduce-overhead"] and step.model.backend == "triton"
+    tiny_model.set_backend("reference")
+    tiny_model.cpu()
+
+
+def test_compile_configs_run_last_most_important_case_first(monkeypatch):
+    # Eager configs keep their order; compiled ones follow, the first dtype / batch / path across every compile
+    # backend before the next case (each compile takes tens of seconds of a time-boxed run).
+    import gtpt.profiler as prof
+    order = []
+
+    def fake(v, be, b, dt, m, p, *a, **kw):
+        order.append((be, dt, b, p))
+        return LatencyResult(v, be, b, dt, m, p, "cpu")
+    monkeypatch.setattr(prof, "profile_config", fake)
+    profile(["gtpt-t"], backends=["compile", "reference", "compile-triton"], batch_sizes=[8, 1],
+            dtypes=["bf16", "fp32"], paths=["pruned"], progress=None)
+    assert order[:4] == [("reference", dt, b, "pruned") for dt in ("bf16", "fp32") for b in (8, 1)]
+    assert order[4:8] == [("compile", "bf16", 8, "pruned"), ("compile-triton", "bf16", 8, "pruned"),
+                          ("compile", "bf16", 1, "pruned"), ("compile-triton", "bf16", 1, "pruned")]
+    assert len(order) == 12
+
+
+@pytest.mark.parametrize("name, category", [
+    ("_mhga_fwd_kernel", "fused attention (MHGA kernels)"),
+    ("_prune_kernel", "fused pruning (token_prune kernel)"),
+    ("triton_per_fused_native_layer_norm_0", "Inductor-generated (triton_*)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM / matmul"),
+    ("aten::addmm", "GEMM / matmul"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalisation"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise / reductions"),
+    ("Memcpy DtoD (Device -> Device)", "copies / layout / fill"),
+    ("aten::topk", "top-k / sort / gather / index"),
+    ("something_else", "other"),
+])
+def test_op_category(name, category):
+    assert op_category(name) == category
+
+
+def test_op_breakdown_cpu(tiny_model):
+    # Operator self times of a few reference forwards, summed by category; the shares add up to the total.
+    step = build_step("gtpt-t", "reference", 1, "fp32", "inference", "pruned", "cpu", model=tiny_model).step
+    ob = measure_op_breakdown(step, torch.device("cpu"), iters=2, top=5)
+    assert ob["measure"] == "CPU operator self time" and ob["iters"] == 2 and ob["total_ms"] > 0
+    assert sum(ob["categories"].values()) == pytest.approx(ob["total_ms"], rel=1e-6)
+    assert "GEMM / matmul" in ob["categories"] and "convolution" in ob["categories"]
+    assert len(ob["top"]) == 5 and ob["top"][0]["ms"] >= ob["top"][-1]["ms"] > 0
+    assert all(t["category"] == op_category(t["name"]) for t in ob["top"])
+    assert not any(t["name"].startswith("gtpt") for t in ob["top"])  # record_function ranges are not counted
+
+
+def test_op_breakdown_in_report(tmp_path, tiny_model):
+    r = profile_config("gtpt-t", "reference", batch_size=1, warmup=0, repeats=2, per_stage=False, model=tiny_model,
+                       op_breakdown=True)
+    assert r.status == "ok" and r.op_breakdown["total_ms"] > 0
+    md = latency_markdown([r])
+    assert "Op breakdown" in md and "GEMM / matmul" in md and "Top entries, gtpt-t reference" in md
+    bad = LatencyResult("gtpt-t", "reference", 1, "fp32", "inference", "pruned", "cpu", median_ms=1.0,
+                        op_breakdown={"error": "RuntimeError: no CUPTI"})
+    assert "Op breakdown failed: gtpt-t reference inference pruned B=1 fp32: RuntimeError: no CUPTI" in \
+        latency_markdown([bad])
+    data = json.loads(open(write_report(str(tmp_path), [r], meta={})["json"]).read())
+    assert data["latency"][0]["op_breakdown"]["categories"]
+
+
 def test_report_without_measurements_has_no_png(tmp_path):
     r = LatencyResult("gtpt-t", "triton", 1, "fp32", "inference", "pruned", "cpu", status="skipped", note="x")
     paths = write_report(str(tmp_path), [r], meta={})
@@ -159,3 +231,17 @@ def test_cuda_backends(backend):
 def test_cuda_train_step():
     r = profile_config("gtpt-s", "reference", batch_size=2, mode="train", device="cuda", warmup=1, repeats=2)
     assert r.status == "ok" and r.peak_memory_mb > 0
+
+
+@pytest.mark.gpu
+def test_cuda_op_breakdown_sees_the_fused_kernels():
+    # On CUDA the breakdown is kernel time: the Triton backend's attention and pruning kernels show up by name.
+    r = profile_config("gtpt-s", "triton", batch_size=2, dtype="bf16", device="cuda", warmup=1, repeats=2,
+                       per_stage=False, op_breakdown=True)
+    assert r.status == "ok", r.note
+    ob = r.op_breakdown
+    assert "error" not in ob, ob.get("error")
+    assert ob["measure"] == "CUDA kernel time" and ob["total_ms"] > 0
+    cats = ob["categories"]
+    assert cats.get("fused attention (MHGA kernels)", 0) > 0 and cats.get("fused pruning (token_prune kernel)", 0) > 0
+    assert cats.get("GEMM / matmul", 0) > 0
