@@ -101,13 +101,14 @@ stage_model() {
   # Issue 5's comparison: GTPT-S inference, fused kernels (+ CUDA graphs) vs the eager reference and
   # torch.compile(mode="reduce-overhead") of it, and of the model on our kernels (Inductor fuses the norms,
   # activations and adds around them). Compiled configs run last (gtpt/profiler.py). First, a short op breakdown
-  # (torch.profiler kernel time by category) of eager bf16 B=128: where the time goes once attention and pruning
-  # are fused, i.e. which further fusion would pay.
+  # (torch.profiler kernel time by category) of eager bf16 B=128, inference and one training step (both passes,
+  # forward + backward): where the time goes once attention and pruning are fused, i.e. which further fusion
+  # would pay, and the training-step time on the kernels vs the reference.
   local t=$1
   local t_ops=$((t / 5 > 25 ? t / 5 : 25))
   if [ "$t" -ge 60 ]; then  # a short stage keeps its time for the latency sweep
     run_for "$t_ops" python3 -m gtpt profile --device cuda --variants gtpt-s --batch-sizes 128 --dtypes bf16 \
-      --backends triton reference --modes inference --repeats 5 --warmup 2 --no-flops --no-stages --op-breakdown \
+      --backends triton reference --modes inference train --repeats 5 --warmup 2 --no-flops --no-stages --op-breakdown \
       --out-dir "$RES/ops" 2>&1 | tee "$RES/ops.txt"
     t=$((t - t_ops))
   fi
