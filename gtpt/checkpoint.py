@@ -61,7 +61,7 @@ def _official_group_mask(mask: Tensor) -> bool:
     """The official ``GroupAttention.mask`` buffer: True (masked) on the padding query row and key column 0."""
     if mask.dtype != torch.bool or mask.dim() != 5:
         return False
-    expect = torch.zeros(mask.shape, dtype=torch.bool)
+    expect = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)  # a state dict may live on a GPU
     expect[:, :, 0, 0, :] = True
     expect[..., 0] = True
     return torch.equal(mask, expect)
@@ -124,13 +124,17 @@ def load_official_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLik
 
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on success fsync it and atomically rename it over
-    ``path``, on any error remove it. Readers see the old file or the new one, never a truncated one."""
+    """Open a temporary file beside ``path`` for writing; on success fsync it, atomically rename it over ``path``
+    and fsync the folder (so the rename itself survives a power loss); on any error remove it. Readers see the old
+    file or the new one, never a truncated one. The file gets the permissions a plain ``open`` would give it
+    (``0666`` less the umask; ``mkstemp`` alone would leave it ``0600``, unreadable to other users of a shared
+    machine)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -140,6 +144,26 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory handles: the file itself is already on disk
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def save_checkpoint(obj: Any, path: Union[str, os.PathLike]) -> None:

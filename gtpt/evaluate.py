@@ -347,6 +347,7 @@ def coco_keypoint_eval(results: Sequence[Mapping[str, Any]], coco_gt: Union[COCO
       scale is the GT ``area`` in both (``use_area=True``). Per-part ``<part>_score`` fields are not read: the
       instance ``score`` serves every part, as mmpose writes it.
 
+    WholeBody results may also come in the COCO-WholeBody layout (``keypoints`` = body, plus ``foot_kpts``, ...).
     A stat is -1 where the GT has no non-ignored instance (COCOeval's convention). Empty ``results`` give zeros
     and a warning. pycocotools' prints are silenced unless ``verbose``. The inputs are not modified except that
     COCOeval stores ``ignore`` flags on a passed 17-keypoint ``COCO``'s annotations, as it always does.
@@ -360,6 +361,8 @@ def coco_keypoint_eval(results: Sequence[Mapping[str, Any]], coco_gt: Union[COCO
         warnings.warn("no keypoint results to evaluate; reporting zeros", RuntimeWarning, stacklevel=2)
         zeros = {name: 0.0 for name in STAT_NAMES}
         return {p: dict(zeros) for p in parts} if wholebody else zeros
+    if wholebody:  # results in the COCO-WholeBody layout (foot_kpts, ...) are scored as well
+        results = [from_wholebody_layout(r) if isinstance(r, Mapping) else r for r in results]
     _check_results(results, num_keypoints, set(gt.getImgIds()))
     cats = copy.deepcopy(gt.dataset["categories"])
     if not wholebody:
@@ -378,10 +381,75 @@ def coco_keypoint_eval(results: Sequence[Mapping[str, Any]], coco_gt: Union[COCO
 
 # ----------------------------------------------------------------------------------------------------------------
 
+_SPLIT_FIELDS = tuple(field for field, _ in kpmeta.WHOLEBODY_FIELDS if field != "keypoints")
+
+
+def to_wholebody_layout(result: Mapping[str, Any]) -> Dict[str, Any]:
+    """A 133-keypoint result in the COCO-WholeBody results layout (official ``coco_wholebody.py``, mmpose,
+    xtcocotools): ``keypoints`` = the 17 body joints, then ``foot_kpts``, ``face_kpts``, ``lefthand_kpts``,
+    ``righthand_kpts`` (flat ``[x, y, score] * n`` each); other fields are kept. A result already in that layout
+    is returned as a copy."""
+    out = dict(result)
+    if any(f in result for f in _SPLIT_FIELDS):
+        return out
+    kp = np.asarray(result["keypoints"], dtype=np.float64).reshape(-1, 3)
+    if len(kp) != 133:
+        raise ValueError(f"a COCO-WholeBody result needs 133 keypoints, got {len(kp)}")
+    for field, part in kpmeta.WHOLEBODY_FIELDS:
+        out[field] = kp[kpmeta.WHOLEBODY_PARTS[part]].reshape(-1).tolist()
+    return out
+
+
+def from_wholebody_layout(result: Mapping[str, Any]) -> Dict[str, Any]:
+    """The inverse of :func:`to_wholebody_layout`: one flat ``keypoints`` of all 133 joints (the layout this module
+    computes with). A result without the part fields is returned as a copy; one with only some of them is an
+    error."""
+    present = [f for f in _SPLIT_FIELDS if f in result]
+    out = dict(result)
+    if not present:
+        return out
+    if len(present) != len(_SPLIT_FIELDS) or "keypoints" not in result:
+        missing = [f for f in ("keypoints",) + _SPLIT_FIELDS if f not in result]
+        raise ValueError(f"COCO-WholeBody result lacks {missing}")
+    parts = []
+    for field, part in kpmeta.WHOLEBODY_FIELDS:
+        v = np.asarray(result[field], dtype=np.float64).reshape(-1)
+        n = kpmeta.WHOLEBODY_PARTS[part].stop - kpmeta.WHOLEBODY_PARTS[part].start
+        if v.size != 3 * n:
+            raise ValueError(f"COCO-WholeBody result: {field} has {v.size} values, expected 3 x {n}")
+        parts.append(v)
+    for f in _SPLIT_FIELDS:
+        del out[f]
+    out["keypoints"] = np.concatenate(parts).tolist()
+    return out
+
+
 def write_results(results: Sequence[Mapping[str, Any]], path: Union[str, os.PathLike]) -> None:
-    """Write results as JSON atomically (:func:`gtpt.checkpoint.atomic_write`)."""
+    """Write results as JSON atomically (:func:`gtpt.checkpoint.atomic_write`). 133-keypoint results are written in
+    the COCO-WholeBody layout (:func:`to_wholebody_layout`), so xtcocotools / mmpose / the official evaluation read
+    them; :func:`read_results` reads both layouts back."""
+    rows = [to_wholebody_layout(r) if np.asarray(r["keypoints"]).size == 3 * 133 else dict(r) for r in results]
     with atomic_write(path, "w") as f:
-        json.dump(list(results), f)
+        json.dump(rows, f)
+
+
+def read_results(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """Read a COCO keypoint results JSON (a list of results; WholeBody in either layout) into this module's
+    layout (flat ``keypoints``). A file that is not such a list is a ``ValueError`` naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"results file not found: {path}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "keypoints" in r for r in data):
+        raise ValueError(f"{path}: expected a JSON list of results, each with 'keypoints'")
+    try:
+        return [from_wholebody_layout(r) for r in data]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def evaluate(model: nn.Module, dataset: Any, batch_size: int = 32, flip_test: bool = True,

@@ -301,7 +301,10 @@ def _setup_distributed(device: Optional[Union[str, torch.device]]) -> Tuple[_Dis
     initialised = dist.is_available() and dist.is_initialized()
     if world <= 1 and not (initialised and dist.get_world_size() > 1):
         default = "cuda" if torch.cuda.is_available() else "cpu"
-        return _Dist(0, 1, False), torch.device(device if device is not None else default)
+        dev = torch.device(device if device is not None else default)
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # Triton launches on the current device, not the tensors'
+        return _Dist(0, 1, False), dev
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -592,7 +595,8 @@ class _Trainer:
         """Train the rest of ``self.epoch``; returns False when max_steps stopped it early."""
         cfg, device = self.cfg, self.device
         self.runner.train()
-        advance_scheduler(self.scheduler, self.epoch)
+        with _hold_stop_signals():  # advance_scheduler is idempotent per epoch: a half-done step would lose a decay
+            advance_scheduler(self.scheduler, self.epoch)
         self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.batch_size)
         self.loader_generator.manual_seed(hash((cfg.seed, self.ctx.rank, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
         if hasattr(self.dataset, "set_epoch"):
@@ -633,7 +637,13 @@ class _Trainer:
         return True
 
     def _log_window(self, sums: Tensor, window: Dict[str, Any], momentum: float) -> None:
-        """Mean loss parts over the steps since the last log line (this rank's batches; one device sync)."""
+        """Mean loss parts over the steps since the last log line, averaged over the ranks (one all-reduce and one
+        device sync), so every rank sees the same values and a non-finite loss stops all of them together (a rank
+        raising alone would leave the others waiting in the next all-reduce)."""
+        if self.ctx.world_size > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= self.ctx.world_size
         mean = (sums / window["steps"]).tolist()
         if not all(math.isfinite(v) for v in mean):
             raise FloatingPointError(f"non-finite loss {mean[0]} in epoch {self.epoch} before global step "
@@ -671,8 +681,9 @@ class _Trainer:
                 if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs:
                     self._validate(self.epoch)
                     validated_at = self.global_step
-                self.epoch += 1
-                self.step_in_epoch = 0
+                with _hold_stop_signals():  # (epoch + 1, step 0) together: (epoch + 1, last step) would skip an epoch
+                    self.epoch += 1
+                    self.step_in_epoch = 0
                 self._save_last()
             if self.val_fn is not None and validated_at != self.global_step and self.global_step > start_step:
                 self._validate(self.epoch if self.step_in_epoch else self.epoch - 1)

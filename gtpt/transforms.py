@@ -14,7 +14,7 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PIXEL_STD = 200.0
 BOX_PADDING = 1.25
@@ -96,14 +96,18 @@ def warp_affine(image: Union[Image.Image, np.ndarray], matrix: np.ndarray, outpu
     bilinear, zeros outside the image (what ``cv2.warpAffine`` gives with its defaults).
 
     Pillow samples with pixel centres at half-integers, OpenCV at integers; the half-pixel shifts on both sides
-    make the two agree (checked on a linear ramp, which bilinear interpolation reproduces exactly)."""
+    make the two agree (checked on a linear ramp, which bilinear interpolation reproduces exactly). At the image
+    edge OpenCV blends the edge pixels with the zero border over one pixel, while Pillow copies the edge pixel up
+    to half a pixel out and gives zero beyond; a one-pixel zero frame around the image makes Pillow blend as
+    OpenCV does."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
+    image = ImageOps.expand(image, border=1, fill=0)
     inv = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
-    # In Pillow's half-pixel coordinates: p_in = inv @ (p_out - 0.5) + 0.5.
+    # In Pillow's half-pixel coordinates of the framed image: p_in = inv @ (p_out - 0.5) + 0.5 + 1.
     a, b, c = inv[0]
     d, e, f = inv[1]
-    coeffs = (a, b, c - 0.5 * (a + b) + 0.5, d, e, f - 0.5 * (d + e) + 0.5)
+    coeffs = (a, b, c - 0.5 * (a + b) + 1.5, d, e, f - 0.5 * (d + e) + 1.5)
     out = image.transform((int(output_size[0]), int(output_size[1])), Image.AFFINE, coeffs,
                           resample=Image.BILINEAR, fillcolor=0)
     return np.array(out)  # a writable copy (asarray of a PIL image is read-only)

@@ -16,8 +16,9 @@ from torch import nn
 from gtpt import build_model
 from gtpt.config import get_config
 from gtpt.evaluate import (STAT_NAMES, WHOLEBODY_EVAL_PARTS, coco_keypoint_eval, decode_simcc, evaluate,
-                           flip_back_simcc, oks_matrix, oks_nms, oks_nms_indices, predict, predict_crops, rescore,
-                           to_image_coords)
+                           flip_back_simcc, from_wholebody_layout, oks_matrix, oks_nms, oks_nms_indices, predict,
+                           predict_crops, read_results, rescore, to_image_coords, to_wholebody_layout,
+                           write_results)
 from gtpt.keypoints import COCO_SIGMAS, flip_permutation, sigmas
 from gtpt.transforms import (affine_points, box_to_center_scale, get_affine_transform, load_image, to_model_input,
                              warp_affine)
@@ -322,6 +323,46 @@ def test_wholebody_matches_xtcocotools_on_perturbed_predictions(coco_tiny):
     metrics = coco_keypoint_eval(perturbed_wholebody_predictions(wb), wb, 133)
     for part, expect in XTCOCOTOOLS_STATS.items():
         np.testing.assert_allclose([metrics[part][n] for n in STAT_NAMES], expect, atol=5e-5, err_msg=part)
+
+
+def test_wholebody_results_file_uses_the_coco_wholebody_layout(coco_tiny, tmp_path):
+    # Written files follow the official / mmpose / xtcocotools layout (keypoints = 17 body joints, then foot_kpts,
+    # face_kpts, lefthand_kpts, righthand_kpts); both layouts read back and score the same.
+    _, wb = _paths(coco_tiny)
+    preds = perturbed_wholebody_predictions(wb)
+    path = tmp_path / "wb.json"
+    write_results(preds, path)
+    rows = json.load(open(path))
+    sizes = {f: len(rows[0][f]) for f in ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts")}
+    assert sizes == {"keypoints": 51, "foot_kpts": 18, "face_kpts": 204, "lefthand_kpts": 63, "righthand_kpts": 63}
+    assert rows[0]["foot_kpts"][:3] == preds[0]["keypoints"][51:54]
+    assert rows[0]["righthand_kpts"][-3:] == preds[0]["keypoints"][-3:]
+    assert read_results(path) == preds
+    split = coco_keypoint_eval(rows, wb, 133)
+    flat = coco_keypoint_eval(preds, wb, 133)
+    assert split == flat
+    assert to_wholebody_layout(rows[0]) == rows[0] and from_wholebody_layout(preds[0]) == preds[0]
+    broken = dict(rows[0])
+    del broken["face_kpts"]
+    with pytest.raises(ValueError, match="lacks \\['face_kpts'\\]"):
+        from_wholebody_layout(broken)
+    with pytest.raises(ValueError, match="foot_kpts has 15 values, expected 3 x 6"):
+        from_wholebody_layout(dict(rows[0], foot_kpts=rows[0]["foot_kpts"][:15]))
+    # 17-keypoint results are written as they are
+    write_results([{"image_id": 1, "keypoints": [0.0] * 51, "score": 1.0}], tmp_path / "body.json")
+    assert json.load(open(tmp_path / "body.json")) == [{"image_id": 1, "keypoints": [0.0] * 51, "score": 1.0}]
+
+
+def test_read_results_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results file not found"):
+        read_results(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"image_id": 1, "keypoints": [')
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        read_results(bad)
+    bad.write_text('{"image_id": 1}')
+    with pytest.raises(ValueError, match="expected a JSON list of results"):
+        read_results(bad)
 
 
 def test_noisier_predictions_score_lower(coco_tiny):

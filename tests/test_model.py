@@ -274,3 +274,37 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["a"], torch.ones(3))  # the old file survives a failed save
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    # mkstemp creates 0600 files; checkpoints and results must be readable as a plain open would leave them
+    # (0666 less the umask), e.g. by evaluation jobs of other users on a shared cluster.
+    import os
+    import stat
+    from gtpt.checkpoint import atomic_write
+    old = os.umask(0o022)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        with atomic_write(tmp_path / "atomic.txt", "w") as f:
+            f.write("x")
+        os.umask(0o077)
+        with atomic_write(tmp_path / "private.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("atomic.txt") == mode("plain.txt") == 0o644
+    assert mode("private.txt") == 0o600
+
+
+@pytest.mark.gpu
+def test_official_mask_check_follows_the_state_dict_device():
+    # A state dict torch.load-ed onto a GPU keeps its mask buffers there; the check must not compare across devices.
+    from gtpt.checkpoint import _official_group_mask
+    m = torch.zeros(1, 3, 8, 8, 8, dtype=torch.bool)
+    m[:, :, 0, 0, :] = True
+    m[..., 0] = True
+    assert _official_group_mask(m) and _official_group_mask(m.cuda())
+    m[0, 0, 1, 1, 1] = True
+    assert not _official_group_mask(m.cuda())

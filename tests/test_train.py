@@ -244,6 +244,41 @@ def test_sigterm_saves_last_and_resume_is_exact(baseline, tmp_path):
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in b)
 
 
+def test_sigterm_at_the_epoch_boundary_does_not_skip_an_epoch(baseline, tmp_path):
+    # SIGTERM delivered just after the epoch counter moves on, before the step counter is reset: the two must commit
+    # together, or last.pth says (epoch 1, step 2 of 2) and the resumed run silently skips epoch 1.
+    import gtpt.train as train_module
+    out, summary, _ = baseline
+    cfg = small_config(tmp_path)
+    src = open(train_module.__file__).read().splitlines()
+    line = next(i for i, text in enumerate(src, 1) if text.strip() == "self.step_in_epoch = 0")
+    sent = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != "run" or frame.f_code.co_filename != train_module.__file__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return local
+        return local
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, SyntheticPoseDataset())
+    finally:
+        sys.settrace(None)
+    assert sent
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)
+    resumed = train(cfg, SyntheticPoseDataset())
+    assert resumed["steps_run"] == 2 and resumed["steps"] == 4
+    assert tensors_equal(torch.load(resumed["final_checkpoint"], weights_only=True),
+                         torch.load(summary["final_checkpoint"], weights_only=True))
+
+
 def test_stop_signal_is_held_until_the_step_commits():
     with interrupt_on_stop_signals():
         done = []

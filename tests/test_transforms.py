@@ -57,6 +57,26 @@ def test_warp_matches_integer_pixel_centres():
     assert (crop[(src[..., 0] < -2) | (src[..., 1] < -2)] == 0).all()
 
 
+def test_warp_blends_the_image_edge_with_the_zero_border_as_opencv():
+    # cv2.warpAffine (bilinear, constant 0 border) weighs the border's zeros in over the one pixel around the image:
+    # on a constant image the crop is value * wx * wy, wx = 1 + x for x in [-1, 0], W - 1 - x + 1 for x in
+    # [W - 1, W], 1 inside and 0 beyond (pixel centres at integers). Pillow alone copies the edge half a pixel out.
+    w, h, value = 60, 50, 100.0
+    flat = Image.fromarray(np.full((h, w), value, dtype=np.float32), mode="F")
+    c, s = box_to_center_scale([-3, -4, w + 6, h + 8])  # the crop sees every edge, rotated so x and y both vary
+    fwd = get_affine_transform(c, s, 17.0, OUT)
+    inv = get_affine_transform(c, s, 17.0, OUT, inv=True)
+    crop = warp_affine(flat, fwd, OUT)
+    src = affine_points(np.stack(np.meshgrid(np.arange(192), np.arange(256)), -1), inv)
+
+    def weight(t, n):
+        return np.clip(np.minimum(1.0 + t, float(n) - t), 0.0, 1.0)
+    expect = value * weight(src[..., 0], w) * weight(src[..., 1], h)
+    band = (expect > 0) & (expect < value)
+    assert band.sum() > 300  # the edge band is in the crop
+    np.testing.assert_allclose(crop, expect, atol=1e-3)
+
+
 def test_warp_rgb_uint8_and_normalise():
     img = np.zeros((40, 30, 3), dtype=np.uint8)
     img[..., 0] = 255
