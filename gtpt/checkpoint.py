@@ -24,11 +24,31 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded into the model (corrupt file, other variant, missing or extra tensors)."""
 
 
+def _numpy_scalar_globals() -> list:
+    """What a numpy scalar in a checkpoint needs under ``weights_only`` (the official training script stores the
+    validation AP as ``perf``, a numpy float, in its per-epoch ``checkpoint.pth``): the scalar constructor under its
+    numpy 1 and numpy 2 module paths, ``numpy.dtype`` and its numeric classes. None of them can run arbitrary
+    code."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtype_classes = {type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"}  # numpy >= 1.25: one class per dtype
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *sorted(dtype_classes - {np.dtype}, key=lambda t: t.__name__)]
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with numpy scalars allowed; any failure is a
+    :class:`CheckpointError` naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        allow = torch.serialization.safe_globals(_numpy_scalar_globals())
+    except (AttributeError, TypeError):  # a torch without safe_globals or its (callable, name) form
+        allow = contextlib.nullcontext()
+    try:
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, or a pickle needing arbitrary code
         raise CheckpointError(f"could not read checkpoint {path}: corrupt, truncated or not a PyTorch state dict "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

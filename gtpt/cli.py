@@ -353,6 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["train"]:
         from .train import main as train_main
         return train_main(argv[1:], prog="gtpt train")
+    if argv[:1] == ["infer"]:
+        from .inference import join_negative_box_values
+        argv = join_negative_box_values(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -41,7 +42,7 @@ class RandomWeightsWarning(UserWarning):
 
 def _as_rgb_image(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, exif_orientation=True)  # upright, as a viewer shows it (and boxes read off it)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -184,7 +185,8 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     boxes.add_argument("--detections", help="COCO detection results JSON (image_id, bbox, score, category_id); "
                                             "matched to images whose file name is the COCO image id")
     boxes.add_argument("--box", action="append", metavar="X,Y,W,H",
-                       help="a person box for every image (repeatable); default: the whole image")
+                       help="a person box for every image (repeatable; negative values allowed, e.g. "
+                            "--box -20,10,300,400); default: the whole image")
     parser.add_argument("--det-score-thr", type=float, default=0.5,
                         help="keep detections with score >= this (default 0.5; the official COCO test uses 0.0)")
     parser.add_argument("--no-nms", action="store_true", help=f"skip OKS-NMS (default threshold {OKS_NMS_THRESHOLD})")
@@ -197,6 +199,28 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward (default 32)")
     return parser
+
+
+_BOX_VALUE = re.compile(r"^-[0-9.eE+-]*(,[-0-9.eE+]+){3}$")
+
+
+def join_negative_box_values(argv: Sequence[str]) -> List[str]:
+    """``--box -20,10,300,400`` -> ``--box=-20,10,300,400``: argparse takes a value that starts with '-' and is not
+    a plain number for an option, so a box starting left of or above the image would be refused."""
+    out: List[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--box":
+            nxt = next(it, None)
+            if nxt is not None and _BOX_VALUE.match(nxt):
+                out.append(f"--box={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(a)
+    return out
 
 
 def _parse_box(text: str) -> List[float]:
@@ -234,7 +258,9 @@ def _boxes_for(path: str, size: Sequence[int], args: argparse.Namespace, detecti
 
 def run_inference_cli(args: argparse.Namespace) -> int:
     """Run ``gtpt infer``: estimate poses on ``args.images`` and write ``args.output`` (a JSON list of
-    ``image``, ``image_id``, ``category_id``, ``box``, ``box_score``, ``score``, ``keypoints`` flat [x, y, c] * K)
+    ``image``, ``image_id``, ``category_id``, ``box``, ``box_score``, ``score``, ``keypoints`` flat [x, y, c] * K;
+    133 keypoints in the COCO-WholeBody layout: ``keypoints`` = body, then ``foot_kpts``, ``face_kpts``,
+    ``lefthand_kpts``, ``righthand_kpts``)
     and optional drawings. Returns 0, or 2 with a one-line error for bad inputs."""
     try:
         detections = None
@@ -254,7 +280,7 @@ def run_inference_cli(args: argparse.Namespace) -> int:
         entries: List[Dict[str, Any]] = []
         drawings = []
         for path in args.images:
-            image = load_image(path)
+            image = load_image(path, exif_orientation=True)  # boxes and drawings as a viewer shows the photo
             boxes, scores = _boxes_for(path, image.size, args, detections)
             people = est.estimate(image, boxes, scores, None if args.no_nms else OKS_NMS_THRESHOLD)
             entries += [{"image": path, "image_id": _image_id(path), "category_id": 1, "box": p["box"],

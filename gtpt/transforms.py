@@ -78,13 +78,25 @@ def affine_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """An RGB image from disk, with a clear error for a missing or unreadable file."""
+def load_image(path: Union[str, os.PathLike], exif_orientation: bool = False) -> Image.Image:
+    """An RGB image from disk, with a clear error for a missing or unreadable file.
+
+    ``exif_orientation=False`` keeps the stored pixel order, as the official pipeline reads COCO
+    (``cv2.IMREAD_IGNORE_ORIENTATION``; the annotations refer to it); ``True`` turns the image upright as a viewer
+    shows it (photos from phones), which is what boxes read off a viewer refer to. 16-bit grey images are scaled
+    to 8 bits (a plain RGB conversion would clip them to white)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.asarray(im, dtype=np.float64)
+                if im.mode.startswith("I;16") or grey.max(initial=0) > 255:
+                    grey = grey / 257.0  # 0..65535 -> 0..255
+                return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode image {path}: {e}") from e

@@ -161,6 +161,20 @@ def test_infer_cli_with_boxes_and_vis(image_path, tmp_path, capsys, one_thread):
     assert Image.open(vis).size == (500, 333)
 
 
+def test_infer_cli_box_starting_outside_the_image(image_path, tmp_path, one_thread):
+    # argparse takes "-20,10,300,400" for an option; `gtpt infer` accepts it as the box value it is.
+    from gtpt.cli import main
+    from gtpt.inference import join_negative_box_values
+    assert join_negative_box_values(["--box", "-20,10,300,400", "--box", "1,2,3,4", "-o", "x"]) == \
+        ["--box=-20,10,300,400", "--box", "1,2,3,4", "-o", "x"]
+    assert join_negative_box_values(["--box", "--no-flip"]) == ["--box", "--no-flip"]
+    out = tmp_path / "poses.json"
+    rc = main(["infer", image_path, "-o", str(out), "--variant", "gtpt-t", "--backend", "reference",
+               "--device", "cpu", "--box", "-20,-10,150,300", "--no-flip"])
+    assert rc == 0
+    assert [e["box"] for e in json.load(open(out))] == [[-20.0, -10.0, 150.0, 300.0]]
+
+
 def test_infer_cli_with_detections(coco_tiny, tmp_path, one_thread):
     dets = os.path.join(coco_tiny, "person_detection_results", "COCO_tiny_detections_AP_H_56_person.json")
     image = os.path.join(coco_tiny, "images", "000000000785.jpg")

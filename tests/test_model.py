@@ -252,6 +252,13 @@ def test_checkpoint_errors_list_everything_and_load_nothing(tmp_path):
     corrupt.write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_official_checkpoint(dst, str(corrupt))
+    # The official training script's per-epoch checkpoint.pth: module.-prefixed state dict, optimizer, and the
+    # validation AP as a numpy float ('perf'), which weights_only refuses unless numpy scalars are allowed.
+    import numpy as np
+    train_ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 5, "model": "pose_gtpt", "perf": np.float64(0.711), "best": np.float32(0.7),
+                "state_dict": {"module." + k: v for k, v in official_style_state_dict(dst).items()}}, train_ckpt)
+    load_official_checkpoint(dst, str(train_ckpt))
     evil = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": object()}, evil)
     with pytest.raises(CheckpointError):  # weights_only refuses arbitrary pickled objects

@@ -89,6 +89,29 @@ def test_warp_rgb_uint8_and_normalise():
     assert torch.allclose(x[1, 20, 15], torch.tensor(-IMAGENET_MEAN[1] / IMAGENET_STD[1]))
 
 
+def test_load_image_exif_orientation_and_16_bit(tmp_path):
+    # EXIF orientation 6 (a phone held upright): stored 40 x 30, shown 30 x 40. Data loading keeps the stored
+    # order (as the official cv2.IMREAD_IGNORE_ORIENTATION); inference asks for the upright image.
+    stored = np.zeros((30, 40, 3), dtype=np.uint8)
+    stored[:, :5] = 255  # a white band on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "phone.png"
+    Image.fromarray(stored).save(photo, exif=exif)
+    assert load_image(photo).size == (40, 30)
+    upright = load_image(photo, exif_orientation=True)
+    assert upright.size == (30, 40)
+    assert np.asarray(upright)[:5].mean() > 250 and np.asarray(upright)[5:].mean() < 5  # now the top edge
+    # 16-bit grey: scaled to 8 bits, not clipped to white
+    grey16 = np.tile(np.linspace(0, 65535, 50).astype(np.uint16), (20, 1))
+    path16 = tmp_path / "grey16.png"
+    Image.fromarray(grey16).save(path16)
+    rgb = np.asarray(load_image(path16))
+    assert rgb.shape == (20, 50, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb[..., 0], np.rint(grey16 / 257.0), atol=1)
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
 def test_load_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.jpg")
