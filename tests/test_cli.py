@@ -156,3 +156,13 @@ def test_eval_bad_annotation_file_is_one_line_error(tmp_path, capsys):
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gtpt eval: error:") and "ann.json" in err[-1]
+
+
+def test_docs_profiling_is_the_readme_profile_section():
+    # docs/profiling.md is the README's profiling section on its own page; the two must not drift apart.
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    section = re.search(r"<!-- profile:start -->\n(.*?)<!-- profile:end -->", readme, re.S).group(1)
+    assert open(os.path.join(root, "docs", "profiling.md")).read() == section
