@@ -90,6 +90,30 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def explicitly_triton(backend: Optional[str]) -> bool:
+    """Whether the caller asked for ``"triton"`` itself (per call or globally), rather than through ``"auto"``."""
+    return (backend if backend is not None else get_backend()).lower() == "triton"
+
+
+def forward_ad_active(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether forward-mode autodiff would see this call: a ``torch.func.jvp`` (or ``jacfwd``) transform is active, or
+    one of ``tensors`` is a dual tensor of ``torch.autograd.forward_ad``. The kernels have no forward-mode rule
+    (torch would hand back zero or missing tangents, silently), so such calls go to the reference, which has one."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the probes; it has no forward-mode path here either
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the torch version
+        pass
+    from torch.autograd import forward_ad
+    if getattr(forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 DIRECT_LAUNCH_ENV_VAR = "GTPT_KERNELS_DIRECT_LAUNCH"
 # torch internals that tell whether a dispatch mode, a torch-function mode or a functorch transform is active.
 # Without any of them (a torch that moved them) nothing is launched directly: the registration is always right.

@@ -281,6 +281,43 @@ def test_dtype_validation():
     assert torch.equal(group_attention(qkv64, 2, 1, backend="auto"), group_attention_reference(qkv64, 2, 1))
 
 
+def test_integer_like_heads_and_num_shared():
+    # numpy / 0-d tensor ints work on every path (the direct-launch inference path hands them to the launcher,
+    # which takes Python ints only); bools and floats are refused.
+    import numpy as np
+    qkv = make_qkv(1, 3, 5, 2, 16)
+    want = group_attention_reference(qkv, 2, 1)
+    with torch.no_grad():
+        for heads, shared in ((np.int64(2), np.int64(1)), (torch.tensor(2), torch.tensor(1))):
+            assert_close(group_attention(qkv, heads, shared, backend="triton"), want, what="int-like")
+    m = GroupAttention(np.int64(32), np.int64(2), np.int64(1), backend="triton").to(DEVICE)
+    assert isinstance(m.heads, int) and isinstance(m.num_shared, int) and isinstance(m.dim, int)
+    with torch.no_grad():
+        m(torch.randn(1, 3, 5, 32, device=DEVICE))
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="heads must be an int"):
+            group_attention(qkv, bad, 1, backend="triton")
+    with pytest.raises(TypeError, match="num_shared must be an int"):
+        group_attention(qkv, 2, True, backend="reference")
+
+
+def test_forward_mode_autodiff_goes_to_the_reference():
+    # No forward-mode rule in the kernels (torch would return zero tangents silently): "auto" runs the reference
+    # under torch.func.jvp and for dual tensors; an explicit "triton" refuses.
+    qkv = make_qkv(1, 3, 5, 2, 16)
+    tangent = torch.randn_like(qkv)
+    _, want = torch.func.jvp(lambda x: group_attention(x, 2, 1, backend="reference"), (qkv,), (tangent,))
+    assert want.abs().sum() > 0
+    _, got = torch.func.jvp(lambda x: group_attention(x, 2, 1, backend="auto"), (qkv,), (tangent,))
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda x: group_attention(x, 2, 1, backend="triton"), (qkv,), (tangent,))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(group_attention(fwAD.make_dual(qkv, tangent), 2, 1, backend="auto")).tangent
+    assert torch.equal(got, want)
+
+
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

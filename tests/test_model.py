@@ -315,3 +315,12 @@ def test_official_mask_check_follows_the_state_dict_device():
     assert _official_group_mask(m) and _official_group_mask(m.cuda())
     m[0, 0, 1, 1, 1] = True
     assert not _official_group_mask(m.cuda())
+
+
+def test_model_built_and_run_under_inference_mode():
+    # Buffers made under torch.inference_mode (e.g. the pruning row masks) have no version counter.
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = gtpt.build_model("gtpt-t", backend="reference").eval()
+        x, y = model(torch.randn(1, 3, 256, 192))
+    assert x.shape == (1, 17, 384) and y.shape == (1, 17, 512) and torch.isfinite(x).all()

@@ -439,11 +439,20 @@ def test_keep_count():
     assert [keep_count(r) for r in (0.7, 0.3, 0.1)] == [179, 76, 25]
     assert [keep_count(0.5, 256, nd) for nd in (68, 42, 6)] == [60, 86, 122]
     assert keep_count(1.0) == 256
-    for bad in (0.0, -0.1, 1.5, "0.5"):
-        with pytest.raises(ValueError):
+    import numpy as np
+    assert keep_count(np.float32(0.7)) == keep_count(np.float64(0.7)) == 179  # numpy rates are rates
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep rate must be in"):
+            keep_count(bad)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="keep rate must be a real number"):
             keep_count(bad)
     with pytest.raises(ValueError):
         keep_count(0.01, 256, 3)  # keeps 2 - 3 < 1
+    with pytest.raises(ValueError, match="num_dense must be a non-negative int"):
+        keep_count(1.0, 256, -1)  # would keep 257 of 256
+    with pytest.raises(ValueError, match="num_tokens"):
+        keep_count(0.5, 256.0)
 
 
 def test_errors(device):
@@ -472,6 +481,8 @@ def test_errors(device):
         call(pos=pos[:, :, :, :3])                   # wrong channels
     with pytest.raises(ValueError, match="gate"):
         call(gate=gate[:, :1])                       # gate must be per group
+    with pytest.raises(ValueError, match="gate"):
+        call(gate=gate.unsqueeze(3))                 # (B, G, N, 1, C): 5-D, the kernel would misread its strides
     with pytest.raises(ValueError, match="row_mask"):
         call(row_mask=torch.ones(3, 3, dtype=torch.bool))
     bad = torch.ones(3, 2, dtype=torch.bool)
@@ -501,6 +512,42 @@ def test_errors(device):
             call(col_mask=bad_cols.to(device))
         with pytest.raises(ValueError, match="col_mask"):
             softmax_pool_scores(q, k, SCALE, backend="triton", col_mask=bad_cols.to(device))
+
+
+def test_row_mask_made_in_inference_mode(device):
+    # Inference tensors have no version counter: the once-per-mask check must still run (every call) and work.
+    inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, device=device, seed=14)
+    with torch.inference_mode():
+        mask = torch.ones(3, 2, dtype=torch.bool, device=device)
+        bad = mask.clone()
+        bad[1] = False
+    for backend in ("reference", "triton"):
+        out = token_prune(inp["q"], inp["k"], inp["tokens"], inp["pos"], 4, SCALE, row_mask=mask, backend=backend)
+        assert out[0].shape == (1, 3, 4, 4)
+        with pytest.raises(ValueError, match="without any query row"):
+            token_prune(inp["q"], inp["k"], inp["tokens"], inp["pos"], 4, SCALE, row_mask=bad, backend=backend)
+
+
+def test_forward_mode_autodiff_goes_to_the_reference(device):
+    # The kernel has no forward-mode rule (torch would return zero tangents silently): "auto" runs the reference
+    # under jvp / dual tensors, an explicit "triton" refuses.
+    inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, gate=True, device=device, seed=14)
+    t_tok = torch.randn_like(inp["tokens"])
+
+    def f(backend):
+        return lambda tok: token_prune(inp["q"], inp["k"], tok, inp["pos"], 4, SCALE, gate=inp["gate"],
+                                       backend=backend)[0]
+    _, want = torch.func.jvp(f("reference"), (inp["tokens"],), (t_tok,))
+    assert want.abs().sum() > 0
+    _, got = torch.func.jvp(f("auto"), (inp["tokens"],), (t_tok,))
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(f("triton"), (inp["tokens"],), (t_tok,))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(inp["tokens"], t_tok)
+        got = fwAD.unpack_dual(f("auto")(dual)).tangent
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("site", list(SITES))

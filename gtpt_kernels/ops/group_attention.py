@@ -40,13 +40,14 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..backend import call_op, get_backend, interpreter_enabled, resolve_backend
+from ..backend import call_op, explicitly_triton, forward_ad_active, interpreter_enabled, resolve_backend
 from ..reference import group_attention_reference
 
 try:
@@ -548,6 +549,16 @@ if _OP_AVAILABLE:
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 
+def _as_int(name: str, value) -> int:
+    """``value`` as a Python int (numpy and 0-d integer tensors too: the kernels' launcher takes only ints)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def _check_inputs(qkv: Tensor, heads: int, num_shared: int, pad_token: bool) -> None:
     if not isinstance(qkv, Tensor):
         raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
@@ -595,17 +606,22 @@ def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[fl
     See :func:`gtpt_kernels.reference.group_attention_reference` for the exact semantics. ``qkv`` may be any
     strided view. ``backend``: ``"reference" | "triton" | "auto"`` (default: the global setting, see
     :mod:`gtpt_kernels.backend`); ``"auto"`` also falls back to the reference for inputs the kernels do not take
-    (float64, head dim > 128). ``fp32_precision`` (``"ieee"`` default, ``"tf32"``, ``"tf32x3"``; env
+    (float64, head dim > 128) and under forward-mode autodiff (``torch.func.jvp``, dual tensors), which the
+    kernels do not implement (an explicit ``"triton"`` raises there). ``fp32_precision`` (``"ieee"`` default, ``"tf32"``, ``"tf32x3"``; env
     ``GTPT_KERNELS_FP32_PRECISION``) selects the tensor-core mode of the kernels' fp32 dots.
     """
+    heads, num_shared = _as_int("heads", heads), _as_int("num_shared", num_shared)
     _check_inputs(qkv, heads, num_shared, pad_token)
     name = resolve_backend(backend, qkv.device)
     if name == "triton":
         error = _triton_unsupported(qkv, heads)
+        if error is None and forward_ad_active(qkv):
+            error = NotImplementedError("backend 'triton' has no forward-mode autodiff (jvp); use backend "
+                                        "'reference' or 'auto'")
         if error is not None:
-            if (backend if backend is not None else get_backend()).lower() == "triton":
+            if explicitly_triton(backend):
                 raise error
-            name = "reference"  # "auto": the kernels do not cover these inputs
+            name = "reference"  # "auto": the kernels do not cover these inputs / this transform
     if name == "reference":
         return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
     C = qkv.shape[-1] // 3
@@ -625,7 +641,8 @@ class GroupAttention(nn.Module):
     def __init__(self, dim: int, heads: int, num_shared: int, scale: Optional[float] = None,
                  pad_token: bool = False, backend: Optional[str] = None):
         super().__init__()
-        if dim % heads != 0:
+        dim, heads, num_shared = _as_int("dim", dim), _as_int("heads", heads), _as_int("num_shared", num_shared)
+        if heads <= 0 or dim % heads != 0:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.dim, self.heads, self.num_shared = dim, heads, num_shared
         self.scale = dim ** -0.5 if scale is None else scale

@@ -17,13 +17,14 @@ deterministic).
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..backend import call_op, interpreter_enabled, resolve_backend
+from ..backend import call_op, explicitly_triton, forward_ad_active, interpreter_enabled, resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
 try:
@@ -447,9 +448,15 @@ torch.library.register_autograd("gtpt_kernels::token_prune", _prune_backward, se
 def keep_count(keep_rate: float, num_tokens: int = 256, num_dense: int = 0) -> int:
     """Number of visual tokens a GTPT site keeps: ``int(num_tokens * keep_rate) - num_dense`` (``int()``
     truncates, as the official code does: 179, 76, 25 for COCO)."""
-    if not isinstance(keep_rate, (int, float)) or not 0.0 < float(keep_rate) <= 1.0:
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):
+        raise TypeError(f"keep rate must be a real number, got {type(keep_rate).__name__}")
+    keep_rate = float(keep_rate)
+    if not 0.0 < keep_rate <= 1.0:  # NaN fails this too
         raise ValueError(f"keep rate must be in (0, 1], got {keep_rate!r}")
-    k = int(num_tokens * keep_rate) - num_dense
+    for name, v in (("num_tokens", num_tokens), ("num_dense", num_dense)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    k = int(num_tokens * keep_rate) - int(num_dense)
     if k <= 0:
         raise ValueError(f"keep rate {keep_rate} keeps {k} tokens out of {num_tokens} ({num_dense} dense): "
                          f"must keep at least one")
@@ -491,14 +498,19 @@ def _check_mask_rows(row_mask: Tensor) -> None:
     # does not misbehave on such a mask, its scores for that group are NaN like the reference's.
     if torch.compiler.is_compiling() or (row_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
+    # Inference tensors (made under torch.inference_mode) have no version counter, and cannot change in place
+    # outside inference mode; one made inside is checked every call.
+    version = None if row_mask.is_inference() else row_mask._version
     hit = _MASKS_OK.get(id(row_mask))
-    if hit is not None and hit[0]() is row_mask and hit[1] == row_mask._version:
+    if hit is not None and hit[0]() is row_mask and version is not None and hit[1] == version:
         return
     if not bool(row_mask.any(dim=1).all()):
         raise ValueError("row_mask leaves a group without any query row")
+    if version is None:
+        return
     if len(_MASKS_OK) >= 64:
         _MASKS_OK.clear()
-    _MASKS_OK[id(row_mask)] = (weakref.ref(row_mask), row_mask._version)
+    _MASKS_OK[id(row_mask)] = (weakref.ref(row_mask), version)
 
 
 def _check_tokens(name: str, t: Tensor, B: int, G: int, N: int, device: torch.device) -> None:
@@ -555,7 +567,7 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     if pos is not None:
         _check_tokens("pos", pos, B, G, N, q.device)
     if gate is not None:
-        if gate.shape[:3] != (B, G, N) or gate.shape[-1] != tokens.shape[-1]:
+        if tuple(gate.shape) != (B, G, N, tokens.shape[-1]):
             raise ValueError(f"gate must have shape ({B}, {G}, {N}, {tokens.shape[-1]}), got {tuple(gate.shape)}")
         if gate.device != q.device:
             raise ValueError(f"gate is on {gate.device}, expected {q.device}")
@@ -571,6 +583,11 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     if keep <= 0 or keep > N:
         raise ValueError(f"keep must be in [1, {N}] (the number of candidate tokens), got {keep}")
     name = resolve_backend(backend, q.device)
+    if name == "triton" and forward_ad_active(tokens, pos, gate):
+        if explicitly_triton(backend):
+            raise NotImplementedError("backend 'triton' has no forward-mode autodiff (jvp); use backend "
+                                      "'reference' or 'auto'")
+        name = "reference"  # "auto": the reference has the forward-mode rule the kernel lacks
     if name == "triton":
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
         out, out_pos, index = call_op("gtpt_kernels::token_prune", _token_prune_impl, _token_prune_op,
