@@ -13,5 +13,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d .whl "pycocotools==2.0.11" "yacs==0.1.8" "termcolor==3.3.0"
 # fvcore and iopath publish only sdists: build pure-Python wheels here (no compiled parts, any platform).
 python3 -m pip wheel -q --no-deps -w .whl "fvcore==0.1.5.post20221221" "iopath==0.1.10"
+# The device machine's copy of the tree has no .git: record the commit the results will belong to.
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.whl' || echo ' (+ local changes)')" > .whl/commit.txt
 ls -l .whl
 du -sh .whl

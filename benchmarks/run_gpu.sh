@@ -3,7 +3,8 @@
 # device time (15 minutes in all, machine start included; 10 minutes per command), with every figure and the
 # device, date and torch/triton versions written down.
 #
-#   bash benchmarks/fetch_gpu_wheels.sh      # here, once: the wheels the GPU image lacks -> .whl/ (git-ignored)
+#   bash benchmarks/fetch_gpu_wheels.sh      # here, after the last commit: the wheels the GPU image lacks and
+#                                            # the commit (.whl/commit.txt; the device copy has no .git) -> .whl/
 #   run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=480)
 #
 #   then, here:  mkdir -p benchmarks/results/DATE && tar -xzf FILES_AT/gpu-results.tar.gz -C benchmarks/results/DATE
@@ -12,8 +13,8 @@
 # Usage: bash benchmarks/run_gpu.sh [STAGE ...]   STAGE: tests attention prune model suite (default: the first four)
 #
 # Time: GPU_BUDGET_S (default 390 s) bounds the whole script, setup included. Each stage owns a share of it (tests
-# 30%, attention 35%, prune 13%, model 22%) plus whatever earlier stages left unused; at its end a stage gets SIGTERM
-# (then SIGKILL 20 s later). The benchmark scripts stop starting cases before that, run the cheap implementations over
+# 28%, attention 34%, prune 13%, model 25%) plus whatever earlier stages left unused (stage k ends at the sum of the
+# shares 1..k; a stage left under 20 s is skipped); at its end a stage gets SIGTERM (then SIGKILL 20 s later). The benchmark scripts stop starting cases before that, run the cheap implementations over
 # every case before any compiled baseline (most important cases first), and on SIGTERM still write their tables;
 # pytest prints its summary (and -v has logged every test's outcome as it finished). So a run measures as much as
 # its time allows and always returns what it measured, leaving the session enough device time (about 6 of its 15
@@ -35,7 +36,7 @@ for s in "${STAGES[@]}"; do
 done
 
 if [ -n "${OUT:-}" ]; then
-  RES=/tmp/gpu-results
+  RES=$(mktemp -d /tmp/gpu-results.XXXXXX)  # fresh per call: a rerun on a warm machine bundles only its own files
   BUNDLE="$OUT/gpu-results.tar.gz"
   exec > >(tee -a "$OUT/run.log") 2>&1
 else
@@ -43,16 +44,30 @@ else
   BUNDLE=""
 fi
 mkdir -p "$RES"
-bundle() { if [ -n "$BUNDLE" ]; then tar -czf "$BUNDLE" -C "$RES" .; fi; }
+# write then rename: a call killed mid-bundle still leaves the previous complete bundle
+bundle() { if [ -n "$BUNDLE" ]; then tar -czf "$BUNDLE.part" -C "$RES" . && mv -f "$BUNDLE.part" "$BUNDLE"; fi; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+# The scripts run from the repository root either way; the install only adds the `gtpt` entry point.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: pip install -e . failed; using PYTHONPATH"
+# The device machine gets a copy of the working tree without .git: the commit comes from GTPT_COMMIT, else git,
+# else .whl/commit.txt (written by fetch_gpu_wheels.sh next to the wheels, which the call carries).
+if [ -n "${GTPT_COMMIT:-}" ]; then
+  COMMIT="$GTPT_COMMIT"
+elif COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+  git diff --quiet 2>/dev/null || COMMIT="$COMMIT (+ local changes)"
+elif [ -f .whl/commit.txt ]; then
+  COMMIT="$(cat .whl/commit.txt) (from .whl/commit.txt)"
+else
+  COMMIT=unknown
+fi
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+  echo "commit: $COMMIT"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/device: /'
   python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
   python3 -c "import fvcore, pycocotools; print('fvcore + pycocotools importable')" 2>&1 | tail -1
@@ -61,13 +76,15 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 bundle
 
 # Stage shares (percent of the budget left after setup); unused time flows to the stages after.
-declare -A SHARE=([tests]=30 [attention]=35 [prune]=13 [model]=22 [suite]=30)
+declare -A SHARE=([tests]=28 [attention]=34 [prune]=13 [model]=25 [suite]=30)
 total=0; for s in "${STAGES[@]}"; do total=$((total + SHARE[$s])); done
 SETUP_END=$(date +%s)
 LEFT=$((BUDGET - (SETUP_END - T0)))
+# Stage k ends at SETUP_END + LEFT * (shares of stages 1..k) / total. The running sum lives in this shell (the
+# loop below adds to it): a function called as $(...) would run in a subshell and lose it.
 cum=0
-stage_end() { cum=$((cum + SHARE[$1])); echo $((SETUP_END + LEFT * cum / total)); }
-seconds_until() { local s=$(($1 - $(date +%s))); [ $s -lt 5 ] && s=5; echo $s; }
+seconds_until() { echo $(($1 - $(date +%s))); }
+MIN_STAGE_S=20  # less than this cannot even import torch and write a table: the stage is skipped
 # run_for SECONDS CMD...: SIGTERM at the end, SIGKILL 20 s later. The Python entry points turn SIGTERM (and SIGINT,
 # which a shell without job control starts background jobs ignoring) into KeyboardInterrupt: the scripts write their
 # tables (gtpt.profiler.interrupt_on_stop_signals), pytest its summary (PYTEST below).
@@ -112,10 +129,12 @@ stage_model() {
       --out-dir "$RES/ops" 2>&1 | tee "$RES/ops.txt"
     t=$((t - t_ops))
   fi
+  # The pruned path only (the model's output; the op breakdown above has the unpruned one), so the eager configs
+  # leave time for the compiled ones.
   run_for "$t" python3 -m gtpt profile --device cuda --variants gtpt-s --batch-sizes 128 32 --dtypes bf16 fp32 \
     --backends triton reference cudagraph cudagraph-reference compile-reduce-overhead compile-triton-reduce-overhead \
-    --modes inference --repeats 20 --warmup 3 --budget-s $((t > 60 ? t - 45 : t / 2)) --out-dir "$RES/profile" \
-    2>&1 | tee "$RES/profile.txt"
+    --modes inference --paths pruned --no-flops --repeats 20 --warmup 3 --budget-s $((t > 60 ? t - 45 : t / 2)) \
+    --out-dir "$RES/profile" 2>&1 | tee "$RES/profile.txt"
 }
 stage_suite() {
   local t=$1
@@ -124,7 +143,13 @@ stage_suite() {
 }
 
 for s in "${STAGES[@]}"; do
-  t=$(seconds_until "$(stage_end "$s")")
+  cum=$((cum + SHARE[$s]))
+  t=$(seconds_until $((SETUP_END + LEFT * cum / total)))
+  if [ "$t" -lt "$MIN_STAGE_S" ]; then
+    echo "=== stage $s: skipped, only $t s of the budget left (elapsed $(( $(date +%s) - T0 )) s) ===" \
+      | tee -a "$RES/skipped-stages.txt"
+    continue
+  fi
   echo "=== stage $s: up to $t s (elapsed $(( $(date +%s) - T0 )) s) ==="
   "stage_$s" "$t"
   echo "=== stage $s done (elapsed $(( $(date +%s) - T0 )) s) ==="

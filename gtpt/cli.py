@@ -189,31 +189,37 @@ def _cmd_profile(args) -> int:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available on this machine")
 
-    rows = [] if args.no_flops else flops_rows(variants, full=True, progress=progress)
+    rows, interleaved, results = [], [], []
     md_parts = ["# GTPT profile", ""]
-    if rows:
-        md_parts += ["## Parameters and FLOPs (batch 1)", "", flops_markdown(rows), "", _FLOPS_NOTE]
-        print(flops_markdown(rows))
-        print()
-    # The sweep times each path separately; this interleaves them (pruned, unpruned, pruned, ...) so load from
-    # other processes hits both alike - the robust number for "the pruned model is faster". It runs before the
-    # sweep because eager CPU timings taken after a torch.compile config in the same process are not clean.
-    interleaved = []
-    if "inference" in args.modes:
-        b = min(args.batch_sizes)
-        dtype = args.dtypes[0]
-        for v in variants:
-            r = profiler.compare_paths(v, b, repeats=args.repeats, warmup=max(1, args.warmup), device=device,
-                                       dtype=dtype)
-            interleaved.append(r)
-            if progress is not None:
-                print(f"interleaved pruned/unpruned {v} B={b} {dtype}: speedup {r['speedup_median']:.2f}x (median), "
-                      f"{r['speedup_min']:.2f}x (min)", file=progress, flush=True)
-    with profiler.interrupt_on_stop_signals():  # a timeout's SIGTERM ends the sweep, the report is still written
-        results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes,
-                                   dtypes=args.dtypes, modes=args.modes, paths=args.paths, device=device,
-                                   warmup=args.warmup, repeats=args.repeats, per_stage=not args.no_stages,
-                                   progress=progress, budget_s=args.budget_s, op_breakdown=args.op_breakdown)
+    # A timeout's SIGTERM (or SIGINT) anywhere below ends the run early; the report is still written with what was
+    # measured (the sweep records the configs it did not reach as skipped).
+    with profiler.interrupt_on_stop_signals():
+        try:
+            rows = [] if args.no_flops else flops_rows(variants, full=True, progress=progress)
+            if rows:
+                md_parts += ["## Parameters and FLOPs (batch 1)", "", flops_markdown(rows), "", _FLOPS_NOTE]
+                print(flops_markdown(rows))
+                print()
+            # The sweep times each path separately; this interleaves them (pruned, unpruned, pruned, ...) so load
+            # from other processes hits both alike - the robust number for "the pruned model is faster". It runs
+            # before the sweep because eager CPU timings taken after a torch.compile config are not clean.
+            if "inference" in args.modes:
+                b = min(args.batch_sizes)
+                dtype = args.dtypes[0]
+                for v in variants:
+                    r = profiler.compare_paths(v, b, repeats=args.repeats, warmup=max(1, args.warmup), device=device,
+                                               dtype=dtype)
+                    interleaved.append(r)
+                    if progress is not None:
+                        print(f"interleaved pruned/unpruned {v} B={b} {dtype}: speedup {r['speedup_median']:.2f}x "
+                              f"(median), {r['speedup_min']:.2f}x (min)", file=progress, flush=True)
+            results = profiler.profile(variants, backends=args.backends, batch_sizes=args.batch_sizes,
+                                       dtypes=args.dtypes, modes=args.modes, paths=args.paths, device=device,
+                                       warmup=args.warmup, repeats=args.repeats, per_stage=not args.no_stages,
+                                       progress=progress, budget_s=args.budget_s, op_breakdown=args.op_breakdown)
+        except KeyboardInterrupt:  # before the sweep started (it handles its own): report what there is
+            print("interrupted before the latency sweep; writing the report with what was measured",
+                  file=sys.stderr, flush=True)
     meta = profiler.environment_info(device)
     meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
                  "wall_s": round(time.perf_counter() - t_start, 1)})

@@ -176,3 +176,60 @@ def test_attention_baselines_compute_the_reference(attn, pad):
     torch.testing.assert_close(sdpa, ref, rtol=1e-10, atol=1e-10)
     flex = attn.make_flex(shape, 2, "cpu", scale, compiled=False)(qkv.float())
     torch.testing.assert_close(flex, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def _fake_gpu_tools(tmp_path):
+    """A PATH where python3 only logs its arguments and nvidia-smi names a GPU: the shell logic of run_gpu.sh runs
+    for real (timeouts, budget arithmetic, bundling) without any GPU work."""
+    import stat
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\necho "python3 $*" >> "$FAKE_LOG"\nexit 0\n')
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "NVIDIA H100 80GB HBM3, 580, 81559 MiB, 1980 MHz"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+def test_run_gpu_stage_budgets_are_cumulative(tmp_path):
+    # Stage k may run until SETUP_END + LEFT * (shares of stages 1..k) / total, so a stage that finishes early hands
+    # its time on. (A running sum kept inside a $(...) subshell was lost: every stage got its own share only, and
+    # prune / model were left 5 s each out of a 390 s budget.)
+    import re
+    import subprocess
+    import tarfile
+    root = os.path.dirname(BENCH)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PATH=f"{_fake_gpu_tools(tmp_path)}:{os.environ['PATH']}", OUT=str(out),
+               GPU_BUDGET_S="1000", FAKE_LOG=str(tmp_path / "calls.log"), GTPT_COMMIT="abc123")
+    proc = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    budgets = {m.group(1): int(m.group(2)) for m in re.finditer(r"=== stage (\w+): up to (\d+) s", proc.stdout)}
+    assert list(budgets) == ["tests", "attention", "prune", "model"]
+    # shares 28 / 34 / 13 / 25 of the 1000 s, and the fake stages take no time
+    for stage, cum in (("tests", 280), ("attention", 620), ("prune", 750), ("model", 1000)):
+        assert cum - 5 <= budgets[stage] <= cum, (stage, budgets)
+    calls = open(tmp_path / "calls.log").read()
+    assert "run_group_attention.py" in calls and "run_token_prune.py" in calls and "gtpt profile" in calls
+    with tarfile.open(out / "gpu-results.tar.gz") as tar:
+        names = tar.getnames()
+        env_txt = tar.extractfile("./environment.txt").read().decode()
+    assert "./environment.txt" in names and "commit: abc123" in env_txt and "NVIDIA H100" in env_txt
+    assert not (out / "gpu-results.tar.gz.part").exists()
+
+
+def test_run_gpu_skips_a_stage_without_time_left(tmp_path):
+    import subprocess
+    root = os.path.dirname(BENCH)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PATH=f"{_fake_gpu_tools(tmp_path)}:{os.environ['PATH']}", OUT=str(out),
+               GPU_BUDGET_S="50", FAKE_LOG=str(tmp_path / "calls.log"))
+    proc = subprocess.run(["bash", os.path.join(BENCH, "run_gpu.sh"), "prune", "model"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # prune's share of 50 s is 17 s (< 20): skipped and said so; model then has the whole budget
+    assert "=== stage prune: skipped" in proc.stdout and "=== stage model: up to" in proc.stdout
+    assert "run_token_prune.py" not in open(tmp_path / "calls.log").read()

@@ -166,3 +166,21 @@ def test_docs_profiling_is_the_readme_profile_section():
     readme = open(os.path.join(root, "README.md")).read()
     section = re.search(r"<!-- profile:start -->\n(.*?)<!-- profile:end -->", readme, re.S).group(1)
     assert open(os.path.join(root, "docs", "profiling.md")).read() == section
+
+
+def test_profile_interrupted_before_the_sweep_still_writes_the_report(tmp_path, monkeypatch, capsys):
+    # A timeout's SIGTERM during the FLOP count (before the latency sweep) must not lose the report.
+    import json
+    import os
+    import signal
+    import gtpt.cli as cli
+
+    def interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM should have interrupted before this line")
+    monkeypatch.setattr(cli, "flops_rows", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["profile", "--variants", "gtpt-t", "--batch-sizes", "1", "--out-dir", str(tmp_path), "--quiet"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "interrupted before the latency sweep" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "profile.json"))["latency"] == []

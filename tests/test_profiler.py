@@ -152,6 +152,10 @@ def test_compile_configs_run_last_most_important_case_first(monkeypatch):
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "normalisation"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise / reductions"),
     ("Memcpy DtoD (Device -> Device)", "copies / layout / fill"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_s1688fprop_optimized_bf16_128x64_32x5_nhwc>", "convolution"),
+    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16, float, 512, true, 1>", "normalisation"),
+    ("aten::mkldnn_convolution", "convolution"),
     ("aten::topk", "top-k / sort / gather / index"),
     ("something_else", "other"),
 ])
