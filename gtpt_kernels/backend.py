@@ -61,9 +61,19 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _global_backend = previous
 
 
-def interpreter_enabled() -> bool:
-    """True when the Triton interpreter is requested (``TRITON_INTERPRET=1``)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+# Triton reads TRITON_INTERPRET when a kernel is defined (@triton.jit), i.e. when gtpt_kernels is imported; what
+# the variable says later does not change how the kernels run.
+_INTERPRET_AT_IMPORT = _interpret_env()
+
+
+def interpreter_enabled() -> bool:
+    """True when the kernels were built for the Triton interpreter: ``TRITON_INTERPRET=1`` was set when
+    :mod:`gtpt_kernels` was imported (setting it afterwards has no effect on kernels already defined)."""
+    return _INTERPRET_AT_IMPORT
 
 
 def triton_available() -> bool:
@@ -84,9 +94,11 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if name == "triton" and not can_triton:
         if not triton_available():
             raise RuntimeError("backend 'triton' requested but triton is not installed")
+        late = " (TRITON_INTERPRET=1 is set now, but was not when gtpt_kernels was imported)" \
+            if device.type == "cpu" and _interpret_env() else ""
         raise RuntimeError(
             f"backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
-            f"imported; got tensors on {device}")
+            f"imported; got tensors on {device}{late}")
     return name
 
 

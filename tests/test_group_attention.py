@@ -319,8 +319,16 @@ def test_forward_mode_autodiff_goes_to_the_reference():
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    import gtpt_kernels.backend as backend_mod
+    # kernels built without the interpreter (TRITON_INTERPRET unset when gtpt_kernels was imported)
+    monkeypatch.setattr(backend_mod, "_INTERPRET_AT_IMPORT", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET") as e:
+        group_attention(torch.zeros(1, 1, 4, 48), 2, 0, backend="triton")
+    assert "was not when" not in str(e.value)
+    # setting the variable after the import changes nothing, and the error says so
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="is set now, but was not when gtpt_kernels was imported"):
         group_attention(torch.zeros(1, 1, 4, 48), 2, 0, backend="triton")
     # ... while "auto" quietly runs the reference.
     x = torch.randn(1, 1, 4, 48)
