@@ -377,6 +377,24 @@ def test_module_parameters_and_backends_agree():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_functional_op_under_autocast(dtype):
+    # An fp32 qkv under autocast: both backends compute in the autocast dtype and return it (the reference's
+    # matmuls autocast; the kernels get a cast copy), and the gradient comes back fp32.
+    qkv = make_qkv(1, 3, 7, 2, 16).requires_grad_(True)
+    outs, grads = {}, {}
+    for be in ("triton", "reference"):
+        qkv.grad = None
+        with torch.autocast(DEVICE, dtype=dtype):
+            outs[be] = group_attention(qkv, 2, 2, backend=be)
+        outs[be].float().sum().backward()
+        grads[be] = qkv.grad.clone()
+    assert outs["triton"].dtype == outs["reference"].dtype == dtype
+    assert_close(outs["triton"], outs["reference"], what="autocast functional out")
+    assert grads["triton"].dtype == torch.float32
+    assert_close(grads["triton"], grads["reference"], dtype=dtype, what="autocast functional grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_module_under_autocast(dtype):
     # Mixed-precision training: fp32 parameters and activations, torch.autocast makes to_qkv emit half precision,
     # so the op sees half qkv and returns half; fp32 parameter gradients must match the reference's under autocast.

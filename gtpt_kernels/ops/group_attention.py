@@ -598,6 +598,20 @@ def _triton_unsupported(qkv: Tensor, heads: int) -> Optional[Exception]:
     return None
 
 
+def _autocast_input(qkv: Tensor) -> Tensor:
+    """Under ``torch.autocast`` an fp32 ``qkv`` runs in the autocast dtype, as the reference's matmuls (and SDPA) do,
+    so both backends return the same dtype."""
+    if qkv.dtype != torch.float32:
+        return qkv
+    device_type = qkv.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return qkv.to(torch.get_autocast_dtype(device_type))
+    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - a torch without the per-device API
+        pass
+    return qkv
+
+
 def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[float] = None,
                     pad_token: bool = False, backend: Optional[str] = None,
                     fp32_precision: Optional[str] = None) -> Tensor:
@@ -607,7 +621,8 @@ def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[fl
     strided view. ``backend``: ``"reference" | "triton" | "auto"`` (default: the global setting, see
     :mod:`gtpt_kernels.backend`); ``"auto"`` also falls back to the reference for inputs the kernels do not take
     (float64, head dim > 128) and under forward-mode autodiff (``torch.func.jvp``, dual tensors), which the
-    kernels do not implement (an explicit ``"triton"`` raises there). ``fp32_precision`` (``"ieee"`` default, ``"tf32"``, ``"tf32x3"``; env
+    kernels do not implement (an explicit ``"triton"`` raises there). Under ``torch.autocast`` an fp32 ``qkv`` is
+    computed in the autocast dtype on both backends (the reference's matmuls autocast; the kernels get a cast copy). ``fp32_precision`` (``"ieee"`` default, ``"tf32"``, ``"tf32x3"``; env
     ``GTPT_KERNELS_FP32_PRECISION``) selects the tensor-core mode of the kernels' fp32 dots.
     """
     heads, num_shared = _as_int("heads", heads), _as_int("num_shared", num_shared)
@@ -624,6 +639,7 @@ def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[fl
             name = "reference"  # "auto": the kernels do not cover these inputs / this transform
     if name == "reference":
         return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
+    qkv = _autocast_input(qkv)
     C = qkv.shape[-1] // 3
     scale = C ** -0.5 if scale is None else float(scale)
     # Inference skips the dispatcher (gtpt_kernels.backend.direct_launch); the op returns (out, lse).
