@@ -51,7 +51,8 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Context manager that sets the global backend and restores the previous one on exit."""
+    """Context manager that sets the global backend and restores the previous one on exit. The setting is
+    process-wide (like ``torch.backends`` flags): other threads see it while the block runs."""
     global _global_backend
     previous = _global_backend
     set_backend(name)

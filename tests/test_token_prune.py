@@ -475,6 +475,8 @@ def test_errors(device):
         call(k=k.expand(1, 2, *k.shape[2:]))          # k group dim neither 1 nor G
     with pytest.raises(ValueError, match="does not match"):
         call(k=k[..., :8])                           # head dim mismatch
+    with pytest.raises(ValueError, match="no query rows"):
+        call(q=q[:, :, :, :0])                       # R = 0: nothing to score with (the kernel would give NaN)
     with pytest.raises(ValueError, match="tokens"):
         call(tokens=tok[:, :, :8])                   # wrong N
     with pytest.raises(ValueError, match="pos"):

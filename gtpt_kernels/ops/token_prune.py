@@ -469,6 +469,9 @@ def _check_scores_inputs(q: Tensor, k: Tensor, row_mask: Optional[Tensor],
         raise ValueError(f"q must be (B, G, H, R, D) and k (B, G or 1, H, N, D); got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
     B, G, H, R, D = q.shape
+    if H == 0 or R == 0 or D == 0:
+        raise ValueError(f"q of shape {tuple(q.shape)} has no query rows to score with (heads, rows and head dim "
+                         f"must be positive)")
     if k.shape[0] != B or k.shape[1] not in (1, G) or k.shape[2] != H or k.shape[4] != D:
         raise ValueError(f"k of shape {tuple(k.shape)} does not match q of shape {tuple(q.shape)}")
     if q.device != k.device:
