@@ -18,6 +18,13 @@ def test_names_sigmas_flip(k):
     assert (kp.sigmas(k) > 0).all()
 
 
+def test_coco_sigmas_are_the_cocoeval_constants():
+    # pycocotools' COCOeval kpt_oks_sigmas (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles)
+    want = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10.0
+    np.testing.assert_allclose(kp.sigmas(17), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(kp.sigmas(133)[:17], want, rtol=0, atol=1e-12)  # WholeBody's body part: the same
+
+
 def test_wholebody_layout():
     assert len(kp.WHOLEBODY_FLIP_PAIRS) == 8 + 3 + 29 + 21
     parts = kp.WHOLEBODY_PARTS

@@ -110,9 +110,13 @@ def test_backend_switch(monkeypatch):
     gk.set_backend(None)
     with pytest.raises(ValueError, match="valid backends"):
         gk.set_backend("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # What counts is TRITON_INTERPRET when gtpt_kernels was imported (triton builds the kernels then)
+    import gtpt_kernels.backend as backend_mod
+    monkeypatch.setattr(backend_mod, "_INTERPRET_AT_IMPORT", False)
     assert resolve_backend("auto", cpu) == "reference"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         resolve_backend("triton", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set too late: still the reference
+    assert resolve_backend("auto", cpu) == "reference"
+    monkeypatch.setattr(backend_mod, "_INTERPRET_AT_IMPORT", True)
     assert resolve_backend("auto", cpu) == "triton"

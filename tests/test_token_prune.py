@@ -516,6 +516,42 @@ def test_errors(device):
             softmax_pool_scores(q, k, SCALE, backend="triton", col_mask=bad_cols.to(device))
 
 
+def test_row_mask_with_non_unit_row_stride(device):
+    # An irregular mask read through a transposed layout (strides (1, G)): the kernel must use both mask strides.
+    G, R = 3, 4
+    rm = torch.tensor([[False, True, True, False], [True, False, True, True], [True, True, False, True]])
+    rm_t = rm.t().contiguous().t()
+    assert rm_t.stride() == (1, G) and torch.equal(rm_t, rm)
+    inp = make_site(1, G, 2, R, 16, 37, 8, row_mask=rm, seed=6, device=device)
+    want = softmax_pool_scores_reference(inp["q"].double(), inp["k"].double(), SCALE, rm.to(device))
+    for m in (rm, rm_t):
+        got = softmax_pool_scores(inp["q"], inp["k"], SCALE, m.to(device), backend="triton")
+        assert_close(got, want, rtol=1e-5, what="scores")
+
+
+def test_signed_zero_scores_tie_in_index_order(device):
+    # Logits so small that every score underflows to +0 or -0: all tie, so the kept index is 0..keep-1 (-0 must
+    # not rank below +0).
+    inp = make_site(1, 2, 8, 8, 8, 37, 5, seed=5, device=device)
+    q = inp["q"] * 1e-45
+    s = softmax_pool_scores(q, inp["k"], SCALE, backend="triton")
+    assert (s == 0).all()
+    _, _, index = token_prune(q, inp["k"], inp["tokens"], inp["pos"], 20, SCALE, backend="triton")
+    assert torch.equal(index.cpu(), torch.arange(20).expand(1, 2, 20))
+
+
+def test_bf16_fused_sigmoid_rounds_to_nearest(device):
+    # Tokens of 1: the kept rows are the gate itself, sigmoid(logits) rounded to bf16 - equal to the reference's
+    # almost everywhere (an ulp apart at most, from fp32 sigmoid differences), never truncated.
+    inp = make_site(2, 3, 2, 3, 16, 37, 64, k_groups=1, tok_groups=1, gate=True, dtype=torch.bfloat16, seed=12,
+                    device=device)
+    gate = (inp["gate"].float() * 6 - 3).to(torch.bfloat16)
+    ones = torch.ones_like(inp["tokens"])
+    got = token_prune(inp["q"], inp["k"], ones, None, 17, SCALE, gate=gate, backend="triton", gate_logits=True)[0]
+    want = token_prune_reference(inp["q"], inp["k"], ones, None, 17, SCALE, gate=gate, gate_logits=True)[0]
+    assert (got == want).float().mean() > 0.95, (got == want).float().mean()
+
+
 def test_row_mask_made_in_inference_mode(device):
     # Inference tensors have no version counter: the once-per-mask check must still run (every call) and work.
     inp = make_site(1, 3, 2, 2, 16, 9, 4, k_groups=1, tok_groups=1, device=device, seed=14)
