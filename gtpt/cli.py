@@ -7,9 +7,11 @@ JSON, markdown and a PNG chart. Its defaults finish in a few minutes on a 2-core
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -40,9 +42,10 @@ def _variants(names: Optional[Sequence[str]], default: Sequence[str]) -> List[st
     """Resolve variant arguments (``all`` = every variant); unknown names raise ValueError with the valid ones."""
     if not names:
         return list(default)
-    if any(n.lower() == "all" for n in names):
+    known = [get_config(n).name for n in names if n.lower() != "all"]  # unknown names raise, with or without 'all'
+    if len(known) < len(names):
         return list(list_variants())
-    return [get_config(n).name for n in names]
+    return list(dict.fromkeys(known))  # each variant once (gtpt-t and gtpt_t are one)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,10 +187,27 @@ def _cmd_profile(args) -> int:
         for v in values:
             if v not in valid:
                 raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
-    if device.startswith("cuda"):
-        import torch
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s >= 0):
+        raise ValueError(f"--budget-s must be a non-negative number of seconds, got {args.budget_s}")
+    # The report directory must be writable before minutes of measurement, not after.
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.out_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out-dir {args.out_dir!r} is not a writable directory ({e.strerror or e})") from None
 
     rows, interleaved, results = [], [], []
     md_parts = ["# GTPT profile", ""]
@@ -221,7 +241,7 @@ def _cmd_profile(args) -> int:
             print("interrupted before the latency sweep; writing the report with what was measured",
                   file=sys.stderr, flush=True)
     meta = profiler.environment_info(device)
-    meta.update({"command": "gtpt profile " + " ".join(args.argv), "device": device,
+    meta.update({"command": "gtpt " + " ".join(args.argv), "device": device,
                  "wall_s": round(time.perf_counter() - t_start, 1)})
     extra_md = ""
     if interleaved:

@@ -25,6 +25,33 @@ class GTPTConfig:
     num_groups: int = 3
     num_sparse: int = 6         # sparse (body) tokens per fine group, padding token included
 
+    def __post_init__(self):
+        # Frozen: a list of rates becomes the tuple the field promises (hashable, immutable).
+        object.__setattr__(self, "keep_rates", tuple(self.keep_rates))
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        problems = []
+        if self.num_keypoints not in (17, 133):
+            problems.append(f"num_keypoints must be 17 (COCO) or 133 (COCO-WholeBody), got {self.num_keypoints}")
+        if self.stem not in ("one-stage", "u-shaped"):
+            problems.append(f"stem must be 'one-stage' or 'u-shaped', got {self.stem!r}")
+        if self.heads <= 0 or self.dim <= 0 or self.dim % self.heads:
+            problems.append(f"dim ({self.dim}) must be a positive multiple of heads ({self.heads})")
+        if self.depth != 12:
+            problems.append(f"depth must be 12 (GTPT's 6 coarse + 6 fine layers and its pruning sites), got "
+                            f"{self.depth}")
+        rates = self.keep_rates
+        if len(rates) != 4 or not all(isinstance(r, (int, float)) and 0.0 < r <= 1.0 for r in rates):
+            problems.append(f"keep_rates must be 4 rates in (0, 1], one per 3-layer block, got {rates!r}")
+        elif any(b > a for a, b in zip(rates, rates[1:])):
+            problems.append(f"keep_rates must not increase from block to block (pruned tokens do not come "
+                            f"back), got {rates!r}")
+        if len(self.image_size) != 2 or len(self.patch_size) != 2 or any(
+                h <= 0 or p <= 0 or h % (4 * p) for h, p in zip(self.image_size, self.patch_size)):
+            problems.append(f"image_size {self.image_size} must be a multiple of 4 x patch_size {self.patch_size}")
+        if problems:
+            raise ValueError(f"invalid GTPT config {self.name!r}: " + "; ".join(problems))
+
     @property
     def wholebody(self) -> bool:
         return self.num_keypoints == 133

@@ -381,8 +381,9 @@ _OP_CATEGORIES = (
     ("Inductor-generated (triton_*)", ("triton_", "compiledfunction", "torchdynamo", "inductor")),
     # cuDNN names its BatchNorm kernels bn_fw / bn_bw and its convolutions fprop / dgrad / wgrad, often with
     # "gemm" or "cudnn" in the name too: norms first, then convolutions, then GEMMs.
-    ("normalisation", ("layer_norm", "batch_norm", "bn_fw", "bn_bw", "native_norm", "_norm")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd", "cudnn")),
+    ("normalisation", ("layer_norm", "batch_norm", "group_norm", "rms_norm", "bn_fw", "bn_bw")),
+    ("convolution", ("convolution", "convolve", "conv1d", "conv2d", "conv3d", "_conv", "conv_", "fprop", "dgrad",
+                     "wgrad", "implicit_gemm", "winograd", "cudnn")),
     ("GEMM / matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "aten::linear", "cublas", "cutlass", "nvjet",
                        "xmma", "sm90_", "sm80_", "scaled_dot_product", "flash", "fmha")),
     ("softmax", ("softmax",)),
@@ -401,9 +402,17 @@ def op_category(name: str) -> str:
     """The category of a kernel (CUDA) or operator (CPU) name in :func:`measure_op_breakdown`; "other" if none fits."""
     n = name.lower()
     for cat, keys in _OP_CATEGORIES:
-        if any(k in n for k in keys):
+        if any(_matches(n, k) for k in keys):
             return cat
     return "other"
+
+
+def _matches(name: str, key: str) -> bool:
+    # An operator key ("aten::exp") names that operator and its in-place / overload forms ("aten::exp_"), not
+    # every operator it prefixes ("aten::expand"); other keys are substrings of kernel names.
+    if key.startswith("aten::"):
+        return name == key or name.startswith(key + "_") or name.startswith(key + ".")
+    return key in name
 
 
 def measure_op_breakdown(step: Callable[[], object], device: torch.device, iters: int = 5, top: int = 15

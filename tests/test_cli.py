@@ -184,3 +184,34 @@ def test_profile_interrupted_before_the_sweep_still_writes_the_report(tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is before
     assert "interrupted before the latency sweep" in capsys.readouterr().err
     assert json.load(open(tmp_path / "profile.json"))["latency"] == []
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["profile", "--device", "gpu"], "--device must be cpu, cuda, cuda:N or auto"),
+    (["profile", "--device", "mps"], "--device must be cpu, cuda, cuda:N or auto"),
+    (["profile", "--budget-s", "nan"], "--budget-s must be a non-negative"),
+    (["profile", "--budget-s", "-1"], "--budget-s must be a non-negative"),
+    (["summary", "all", "gtpt-x"], "unknown GTPT variant 'gtpt-x'"),
+])
+def test_more_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_profile_unwritable_out_dir_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    import gtpt.profiler as profiler
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("measured before checking --out-dir"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["profile", "--no-flops", "--out-dir", str(blocker / "sub")]) == 2
+    assert "is not a writable directory" in capsys.readouterr().err
+
+
+def test_profile_report_command_and_duplicate_variants(tmp_path, capsys):
+    import json
+    assert main(["profile", "--variants", "gtpt-t", "gtpt_t", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                 "--no-flops", "--no-stages", "--paths", "pruned", "--out-dir", str(tmp_path), "--quiet"]) == 0
+    data = json.load(open(tmp_path / "profile.json"))
+    assert data["meta"]["command"].startswith("gtpt profile --variants")
+    assert [r["variant"] for r in data["latency"]] == ["gtpt-t"]  # gtpt_t is the same variant: timed once

@@ -324,3 +324,24 @@ def test_model_built_and_run_under_inference_mode():
         model = gtpt.build_model("gtpt-t", backend="reference").eval()
         x, y = model(torch.randn(1, 3, 256, 192))
     assert x.shape == (1, 17, 384) and y.shape == (1, 17, 512) and torch.isfinite(x).all()
+
+
+def test_config_validation():
+    import dataclasses
+    from gtpt.config import get_config
+    cfg = get_config("gtpt-t")
+    assert dataclasses.replace(cfg, keep_rates=[1.0, 0.7, 0.3, 0.1]).keep_rates == (1.0, 0.7, 0.3, 0.1)  # a tuple
+    hash(dataclasses.replace(cfg, keep_rates=[1.0, 0.7, 0.3, 0.1]))
+    for kw, fragment in [(dict(keep_rates=(1.0, 0.7, 0.3, 1.5)), "keep_rates"),
+                         (dict(keep_rates=(1.0, 0.7)), "keep_rates"),
+                         (dict(keep_rates=(1.0, -0.7, 0.3, 0.1)), "keep_rates"),
+                         (dict(keep_rates=(1.0, 0.3, 0.7, 0.1)), "must not increase"),
+                         (dict(num_keypoints=50), "num_keypoints"),
+                         (dict(stem="foo"), "stem"),
+                         (dict(depth=8), "depth"),
+                         (dict(heads=7), "multiple of heads"),
+                         (dict(image_size=(250, 192)), "image_size")]:
+        with pytest.raises(ValueError, match=fragment):
+            dataclasses.replace(cfg, **kw)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 64

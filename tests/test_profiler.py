@@ -156,6 +156,10 @@ def test_compile_configs_run_last_most_important_case_first(monkeypatch):
     ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_s1688fprop_optimized_bf16_128x64_32x5_nhwc>", "convolution"),
     ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16, float, 512, true, 1>", "normalisation"),
     ("aten::mkldnn_convolution", "convolution"),
+    ("aten::expand", "other"),                       # a view, not aten::exp
+    ("aten::convert_element_type", "other"),         # not a convolution
+    ("aten::exp_", "elementwise / reductions"),
+    ("aten::add_", "elementwise / reductions"),
     ("aten::topk", "top-k / sort / gather / index"),
     ("something_else", "other"),
 ])
