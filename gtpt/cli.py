@@ -173,13 +173,6 @@ def _cmd_profile(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     progress = None if args.quiet else sys.stderr
-    if device == "cpu" and args.threads is None and progress is not None and hasattr(os, "getloadavg"):
-        # Several processes each running one OpenMP thread per core spin against each other: CPU timings can get
-        # 10x worse. Say so instead of silently reporting them.
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-        if load > 0.5 * cores:
-            print(f"note: load average {load:.1f} on {cores} cores; other processes share the CPU - consider "
-                  f"--threads 1 for steadier timings", file=progress, flush=True)
     t_start = time.perf_counter()
     # Validate the sweep before spending minutes on FLOP counting.
     for name, values, valid in (("backend", args.backends, profiler.BACKENDS),
@@ -208,6 +201,13 @@ def _cmd_profile(args) -> int:
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {args.out_dir!r} is not a writable directory ({e.strerror or e})") from None
+    if device == "cpu" and args.threads is None and progress is not None and hasattr(os, "getloadavg"):
+        # Several processes each running one OpenMP thread per core spin against each other: CPU timings can get
+        # 10x worse. Say so instead of silently reporting them.
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > 0.5 * cores:
+            print(f"note: load average {load:.1f} on {cores} cores; other processes share the CPU - consider "
+                  f"--threads 1 for steadier timings", file=progress, flush=True)
 
     rows, interleaved, results = [], [], []
     md_parts = ["# GTPT profile", ""]
