@@ -185,6 +185,9 @@ def test_op_breakdown_in_report(tmp_path, tiny_model):
     assert r.status == "ok" and r.op_breakdown["total_ms"] > 0
     md = latency_markdown([r])
     assert "Op breakdown" in md and "GEMM / matmul" in md and "Top entries, gtpt-t reference" in md
+    row = next(line for line in md.splitlines() if line.startswith("| gtpt-t reference inference pruned B=1 fp32 | "))
+    busy = row.split(" | ")[2]
+    assert busy == f"{r.op_breakdown['total_ms'] / r.median_ms:.0%}"
     bad = LatencyResult("gtpt-t", "reference", 1, "fp32", "inference", "pruned", "cpu", median_ms=1.0,
                         op_breakdown={"error": "RuntimeError: no CUPTI"})
     assert "Op breakdown failed: gtpt-t reference inference pruned B=1 fp32: RuntimeError: no CUPTI" in \
