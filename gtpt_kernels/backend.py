@@ -20,6 +20,7 @@ import os
 from typing import Iterator, Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "GTPT_KERNELS_BACKEND"
@@ -114,17 +115,22 @@ def forward_ad_active(*tensors: Optional[torch.Tensor]) -> bool:
     (torch would hand back zero or missing tangents, silently), so such calls go to the reference, which has one."""
     if torch.compiler.is_compiling():  # Dynamo cannot trace the probes; it has no forward-mode path here either
         return False
+    # Cheap checks first (this runs on every call): no functorch transform and no dual level is the common case.
     try:
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
-            return True
-    except (ImportError, AttributeError):  # pragma: no cover - depends on the torch version
-        pass
-    from torch.autograd import forward_ad
-    if getattr(forward_ad, "_current_level", -1) < 0:
+        transform_active = torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - depends on the torch version
+        transform_active = True
+    if transform_active:
+        try:
+            from torch._C._functorch import TransformType
+            from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+            if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+                return True
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the torch version
+            pass
+    if getattr(_forward_ad, "_current_level", -1) < 0:
         return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 DIRECT_LAUNCH_ENV_VAR = "GTPT_KERNELS_DIRECT_LAUNCH"
