@@ -161,16 +161,15 @@ def _cmd_flops(args) -> int:
 # profile
 
 def _cmd_profile(args) -> int:
+    import torch
 
     from . import profiler
 
     variants = _variants(args.variants, ("gtpt-t", "gtpt-s"))
     device = args.device
     if device == "auto":
-        import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads is not None:
-        import torch
         torch.set_num_threads(args.threads)
     progress = None if args.quiet else sys.stderr
     t_start = time.perf_counter()
@@ -180,7 +179,6 @@ def _cmd_profile(args) -> int:
         for v in values:
             if v not in valid:
                 raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
-    import torch
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):

@@ -381,7 +381,7 @@ def coco_keypoint_eval(results: Sequence[Mapping[str, Any]], coco_gt: Union[COCO
 
 # ----------------------------------------------------------------------------------------------------------------
 
-_SPLIT_FIELDS = tuple(field for field, _ in kpmeta.WHOLEBODY_FIELDS if field != "keypoints")
+_SPLIT_FIELDS = WHOLEBODY_GT_FIELDS[1:]  # the part fields after the body's "keypoints"
 
 
 def to_wholebody_layout(result: Mapping[str, Any]) -> Dict[str, Any]:

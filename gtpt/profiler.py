@@ -275,8 +275,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
     rates = (1.0,) * cfg.depth if path == "unpruned" else cfg.layer_keep_rates()
     runner = PathRunner(model, rates)
-    compile_mode = _COMPILE_MODES
-    if backend in compile_mode:
+    if backend in _COMPILE_MODES:
         # Dynamo caches compiled code per code object (PathRunner.forward / GTPT.forward), shared by every
         # config of a sweep; past its recompile limit (8) it silently runs eager. A fresh cache per config keeps
         # every "compile" figure a compiled one.
@@ -284,8 +283,8 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
 
     if mode == "inference":
         fn = runner
-        if backend in compile_mode:
-            fn = torch.compile(runner, mode=compile_mode[backend])
+        if backend in _COMPILE_MODES:
+            fn = torch.compile(runner, mode=_COMPILE_MODES[backend])
         elif backend.startswith("cudagraph"):
             fn = _cuda_graph(runner, images)
 
@@ -293,7 +292,7 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
             with torch.no_grad():
                 return fn(images)
     else:
-        target = torch.compile(model, mode=compile_mode[backend]) if backend in compile_mode else model
+        target = torch.compile(model, mode=_COMPILE_MODES[backend]) if backend in _COMPILE_MODES else model
 
         def step():
             loss = _simcc_objective(target(images))

@@ -104,9 +104,20 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
-def explicitly_triton(backend: Optional[str]) -> bool:
-    """Whether the caller asked for ``"triton"`` itself (per call or globally), rather than through ``"auto"``."""
-    return (backend if backend is not None else get_backend()).lower() == "triton"
+def fall_back_or_raise(error: Exception, backend: Optional[str]) -> str:
+    """For a call the kernels cannot serve: ``"reference"`` when the backend came from ``"auto"``, ``error`` raised
+    when the caller asked for ``"triton"`` itself (per call or globally) - never a silent fallback from it."""
+    if (backend if backend is not None else get_backend()).lower() == "triton":
+        raise error
+    return "reference"
+
+
+def forward_ad_error(*tensors: Optional[torch.Tensor]) -> Optional[NotImplementedError]:
+    """The error for a Triton call that forward-mode autodiff would see (:func:`forward_ad_active`), else None."""
+    if not forward_ad_active(*tensors):
+        return None
+    return NotImplementedError("backend 'triton' has no forward-mode autodiff (jvp); use backend 'reference' or "
+                               "'auto'")
 
 
 def forward_ad_active(*tensors: Optional[torch.Tensor]) -> bool:

@@ -47,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import call_op, explicitly_triton, forward_ad_active, interpreter_enabled, resolve_backend
+from ..backend import call_op, fall_back_or_raise, forward_ad_error, interpreter_enabled, resolve_backend
 from ..reference import group_attention_reference
 
 try:
@@ -629,14 +629,9 @@ def group_attention(qkv: Tensor, heads: int, num_shared: int, scale: Optional[fl
     _check_inputs(qkv, heads, num_shared, pad_token)
     name = resolve_backend(backend, qkv.device)
     if name == "triton":
-        error = _triton_unsupported(qkv, heads)
-        if error is None and forward_ad_active(qkv):
-            error = NotImplementedError("backend 'triton' has no forward-mode autodiff (jvp); use backend "
-                                        "'reference' or 'auto'")
+        error = _triton_unsupported(qkv, heads) or forward_ad_error(qkv)
         if error is not None:
-            if explicitly_triton(backend):
-                raise error
-            name = "reference"  # "auto": the kernels do not cover these inputs / this transform
+            name = fall_back_or_raise(error, backend)  # inputs / a transform the kernels do not cover
     if name == "reference":
         return group_attention_reference(qkv, heads, num_shared, scale, pad_token)
     qkv = _autocast_input(qkv)

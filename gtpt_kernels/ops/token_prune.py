@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import call_op, explicitly_triton, forward_ad_active, interpreter_enabled, resolve_backend
+from ..backend import call_op, fall_back_or_raise, forward_ad_error, interpreter_enabled, resolve_backend
 from ..reference import softmax_pool_scores_reference, token_prune_reference
 
 try:
@@ -586,11 +586,10 @@ def token_prune(q: Tensor, k: Tensor, tokens: Tensor, pos: Optional[Tensor], kee
     if keep <= 0 or keep > N:
         raise ValueError(f"keep must be in [1, {N}] (the number of candidate tokens), got {keep}")
     name = resolve_backend(backend, q.device)
-    if name == "triton" and forward_ad_active(tokens, pos, gate):
-        if explicitly_triton(backend):
-            raise NotImplementedError("backend 'triton' has no forward-mode autodiff (jvp); use backend "
-                                      "'reference' or 'auto'")
-        name = "reference"  # "auto": the reference has the forward-mode rule the kernel lacks
+    if name == "triton":
+        error = forward_ad_error(tokens, pos, gate)  # the reference has the forward-mode rule the kernel lacks
+        if error is not None:
+            name = fall_back_or_raise(error, backend)
     if name == "triton":
         # No gradient reaches q / k (selection is discrete); detaching keeps autograd from asking for one.
         out, out_pos, index = call_op("gtpt_kernels::token_prune", _token_prune_impl, _token_prune_op,
