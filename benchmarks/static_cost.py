@@ -87,6 +87,7 @@ ASSUMPTIONS = [
 # ------------------------------------------------------------------------------------------------------------
 
 _LINE_RE = re.compile(r'//## File "([^"]*)", line (\d+)(.*)$')
+_SHORT_LINE_RE = re.compile(r"^\s*// ([\w.\-]+\.py):(\d+)((?: <- [\w.\-:]+)*)\s*$")
 _INLINED_RE = re.compile(r'inlined at "([^"]*)", line (\d+)')
 _INSTR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;?\s*(?:/\*.*)?$")
 _LABEL_RE = re.compile(r"^\s*(\.L\w+):\s*$")
@@ -106,6 +107,14 @@ def parse_sass(text):
         if m:
             chain = [(os.path.basename(m.group(1)), int(m.group(2)))]
             chain += [(os.path.basename(f), int(n)) for f, n in _INLINED_RE.findall(m.group(3))]
+            loc = tuple(chain)
+            continue
+        m = _SHORT_LINE_RE.match(raw)
+        if m:
+            chain = [(m.group(1), int(m.group(2)))]
+            for part in m.group(3).split(" <- ")[1:]:
+                f, _, n = part.rpartition(":")
+                chain.append((f or m.group(1), int(n)))
             loc = tuple(chain)
             continue
         m = _LABEL_RE.match(raw)
@@ -838,13 +847,24 @@ def _compile_one(name):
 
 
 def _shorten_sass(text):
-    """The saved listing: one function, file paths reduced to base names, encodings dropped."""
+    """The saved listing (plain text, compact): one function, no section directives, padding collapsed, source
+    locations as ``// file.py:LINE <- CALLER_LINE ...`` (inline chain, innermost first). ``parse_sass`` reads it."""
     out = []
     for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith((".section", ".align", ".type", ".size", ".other",
-                                                          ".global", ".elftype", ".headerflags")):
+        stripped = line.strip()
+        if not stripped or stripped.startswith((".section", ".align", ".type", ".size", ".other", ".global",
+                                                ".elftype", ".headerflags", ".text.", "//----")):
             continue
-        out.append(re.sub(r'"[^"]*/([^"/]+)"', r'"\1"', line))
+        m = _LINE_RE.search(line)
+        if m:
+            f = os.path.basename(m.group(1))
+            chain = [f"{f}:{m.group(2)}"]
+            for g, n in _INLINED_RE.findall(m.group(3)):
+                g = os.path.basename(g)
+                chain.append(n if g == f else f"{g}:{n}")
+            out.append("// " + " <- ".join(chain))
+            continue
+        out.append(re.sub(r"\s+", " ", stripped))
     return "\n".join(out) + "\n"
 
 
@@ -863,7 +883,87 @@ def analyse_sass(sass_text):
         lp["exclusive"] = lp["instructions"] - inner
         c, m = histogram(instrs, lp["start"], lp["end"])
         lp["classes"], lp["mem"] = c, m
+        end_addr = instrs[lp["end"]]["addr"]
+        # branches that skip forward inside the body: parts of the body may not run every iteration
+        lp["forward_branches"] = sum(1 for ins in instrs[lp["start"]:lp["end"]]
+                                     if ins["target"] is not None and ins["addr"] < ins["target"] <= end_addr)
     return instrs, loops, classes, mem
+
+
+def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, consts, tensors, source, first_line,
+                    kernel_globals, kernel_file, trip_cache=None):
+    """Every estimated figure of one launch (pure python): occupancy, waves, loops with trip counts, executed
+    instructions, bytes, floors, issue time, estimate and ratio. ``sass_analysis`` = :func:`analyse_sass` of the
+    config's SASS; ``meta`` = its compile metadata (num_warps, shared, regs, local, stack); ``source`` /
+    ``first_line`` / ``kernel_globals`` / ``kernel_file``: the kernel's Python source, its first line in
+    ``kernel_file`` and its module globals (constexpr globals)."""
+    instrs, loops, classes, mem = sass_analysis
+    grid = tuple(grid)
+    warps = meta["num_warps"]
+    threads = 32 * warps
+    smem = meta["shared"] + meta.get("static_smem", 0)
+    regs = meta.get("regs")
+    bps, limiter = blocks_per_sm(regs or 0, smem, threads)
+    programs = 1
+    for g in grid:
+        programs *= g
+    tkey = (kernel_name, source, grid, tuple(sorted((k, repr(x)) for k, x in scalars.items())),
+            tuple(sorted((k, repr(x)) for k, x in consts.items())), batch)
+    if trip_cache is None or tkey not in trip_cache:
+        env = dict(scalars)
+        env.update(consts)
+        walker = TripWalker(source, first_line, env, kernel_globals)
+        counts = walker.grid_counts(grid, batch=batch)
+        if trip_cache is not None:
+            trip_cache[tkey] = (walker, counts)
+    else:
+        walker, counts = trip_cache[tkey]
+    mapped = map_loops_to_source(instrs, loops, walker.loops, kernel_file)
+    per_src = collections.Counter(m for m in mapped if m is not None)
+    loop_execs, flags = [], sorted(walker.flags)
+    for li, m in enumerate(mapped):
+        if m is None:
+            loop_execs.append(programs)
+            flags.append(f"SASS loop {li} not mapped to a source loop: counted once per program")
+        else:
+            loop_execs.append(counts.get(m, 0) / per_src[m])
+    total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps)
+    issue = issue_time_us(total_instr, programs)
+    nbytes, rule = launch_bytes(kernel_name, tensors, consts, scalars)
+    fl100, fl200 = floor_us(nbytes, H100["hbm_bw"]), floor_us(nbytes, H200_HBM_BW)
+    est = max(issue, fl100)
+    loop_recs = []
+    for li, lp in enumerate(loops):
+        loop_recs.append(dict(
+            index=li, start=f"{instrs[lp['start']]['addr']:#06x}", end=f"{instrs[lp['end']]['addr']:#06x}",
+            depth=lp["depth"], instructions=lp["instructions"], exclusive=lp["exclusive"],
+            source_line=mapped[li], executions=loop_execs[li],
+            per_program=round(loop_execs[li] / programs, 3) if programs else None,
+            mma=lp["classes"].get("mma", 0), fma=lp["classes"].get("fma", 0), mem=lp["mem"],
+            forward_branches=lp["forward_branches"],
+            share=round(lp["exclusive"] * loop_execs[li] * warps / total_instr, 4) if total_instr else None))
+    hot = max(loop_recs, key=lambda r: r["exclusive"] * r["executions"]) if loop_recs else None
+    for lr in loop_recs:
+        if lr["forward_branches"] and (lr["share"] or 0) >= 0.05:
+            flags.append(f"SASS loop {lr['index']} (source line {lr['source_line']}) has "
+                         f"{lr['forward_branches']} forward branch(es) in its body: skipped parts are "
+                         f"counted as executed")
+    w = waves(programs, bps)
+    return dict(
+        registers=regs, spill_bytes=(meta.get("local", 0) + meta.get("stack", 0)) if "local" in meta else None,
+        shared_bytes=smem, threads=threads, blocks_per_sm=bps, occupancy_limiter=limiter,
+        programs=programs, waves=round(w, 3), waves_ceil=math.ceil(w),
+        warps_per_scheduler=round(min(bps, math.ceil(programs / H100["sms"])) * warps / 4, 2),
+        loop_instructions=hot["exclusive"] if hot else 0,
+        hot_loop=hot, loops=loop_recs, kernel_instructions=len(instrs),
+        mma_instructions=classes.get("mma", 0), fma_instructions=classes.get("fma", 0),
+        instruction_classes=classes, global_memory_ops=mem,
+        executed_warp_instructions=int(total_instr),
+        bytes=int(nbytes), bytes_rule=rule, floor_us_h100=round(fl100, 3), floor_us_h200=round(fl200, 3),
+        issue_us=round(issue, 3), estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
+        estimate_us_h200=round(max(issue, fl200), 3),
+        ratio_h200=round(max(issue, fl200) / fl200, 3) if fl200 else None,
+        bound="issue" if issue > fl100 else "memory", flags=flags)
 
 
 def shape_name(ctx, cfg, order):
@@ -1041,68 +1141,14 @@ def run_report(out_dir, variants, batches, dtypes, only, workers):
                            loop_instructions=None, bytes=None, floor_us_h100=None, estimate_us=None, ratio=None)
                 records.append(rec)
                 continue
-            instrs, loops, classes, mem = sass_info[cname]
-            warps = meta["num_warps"]
-            threads = 32 * warps
-            smem = meta["shared"] + meta.get("static_smem", 0)
-            regs = meta.get("regs")
-            bps, limiter = blocks_per_sm(regs or 0, smem, threads)
-            programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-            # trip counts
             fn = L.kernel.fn
             wkey = (fn.__module__, fn.__name__)
             if wkey not in walkers:
-                src = inspect.getsource(fn)
-                walkers[wkey] = src
-            tkey = (wkey, grid, tuple(sorted((k, repr(x)) for k, x in e["scalars"].items())),
-                    tuple(sorted((k, repr(x)) for k, x in e["consts"].items())), b)
-            if tkey not in trip_cache:
-                env = dict(e["scalars"])
-                env.update(e["consts"])
-                walker = TripWalker(walkers[wkey], fn.__code__.co_firstlineno, env, fn.__globals__)
-                counts = walker.grid_counts(grid, batch=b)
-                trip_cache[tkey] = (walker, counts)
-            walker, counts = trip_cache[tkey]
-            kfile = os.path.basename(inspect.getsourcefile(fn))
-            mapped = map_loops_to_source(instrs, loops, walker.loops, kfile)
-            per_src = collections.Counter(m for m in mapped if m is not None)
-            loop_execs, flags = [], sorted(walker.flags)
-            for li, m in enumerate(mapped):
-                if m is None:
-                    loop_execs.append(programs)
-                    flags.append(f"SASS loop {li} not mapped to a source loop: counted once per program")
-                else:
-                    loop_execs.append(counts.get(m, 0) / per_src[m])
-            total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps)
-            issue = issue_time_us(total_instr, programs)
-            nbytes, rule = launch_bytes(kname, e["tensors"], e["consts"], e["scalars"])
-            fl100, fl200 = floor_us(nbytes, H100["hbm_bw"]), floor_us(nbytes, H200_HBM_BW)
-            est = max(issue, fl100)
-            loop_recs = []
-            for li, lp in enumerate(loops):
-                loop_recs.append(dict(
-                    index=li, start=f"{instrs[lp['start']]['addr']:#06x}", end=f"{instrs[lp['end']]['addr']:#06x}",
-                    depth=lp["depth"], instructions=lp["instructions"], exclusive=lp["exclusive"],
-                    source_line=mapped[li], executions=loop_execs[li],
-                    per_program=round(loop_execs[li] / programs, 3) if programs else None,
-                    mma=lp["classes"].get("mma", 0), fma=lp["classes"].get("fma", 0), mem=lp["mem"],
-                    share=round(lp["exclusive"] * loop_execs[li] * warps / total_instr, 4) if total_instr else None))
-            hot = max(loop_recs, key=lambda r: r["exclusive"] * r["executions"]) if loop_recs else None
-            rec.update(
-                registers=regs, spill_bytes=(meta.get("local", 0) + meta.get("stack", 0)) if "local" in meta else None,
-                shared_bytes=smem, threads=threads, blocks_per_sm=bps, occupancy_limiter=limiter,
-                programs=programs, waves=round(waves(programs, bps), 3), waves_ceil=math.ceil(waves(programs, bps)),
-                warps_per_scheduler=round(min(bps, math.ceil(programs / H100["sms"])) * warps / 4, 2),
-                loop_instructions=hot["exclusive"] if hot else 0,
-                hot_loop=hot, loops=loop_recs, kernel_instructions=len(instrs),
-                mma_instructions=classes.get("mma", 0), fma_instructions=classes.get("fma", 0),
-                instruction_classes=classes, global_memory_ops=mem,
-                executed_warp_instructions=int(total_instr),
-                bytes=int(nbytes), bytes_rule=rule, floor_us_h100=round(fl100, 3), floor_us_h200=round(fl200, 3),
-                issue_us=round(issue, 3), estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
-                estimate_us_h200=round(max(issue, fl200), 3),
-                ratio_h200=round(max(issue, fl200) / fl200, 3) if fl200 else None,
-                bound="issue" if issue > fl100 else "memory", flags=flags)
+                walkers[wkey] = (inspect.getsource(fn), fn.__code__.co_firstlineno, fn.__globals__,
+                                 os.path.basename(inspect.getsourcefile(fn)))
+            src, first_line, globs, kfile = walkers[wkey]
+            rec.update(estimate_launch(kname, sass_info[cname], meta, grid, b, e["scalars"], e["consts"],
+                                       e["tensors"], src, first_line, globs, kfile, trip_cache))
             records.append(rec)
     with open(os.path.join(out_dir, "static_cost.json"), "w") as f:
         json.dump(records, f, indent=1)
@@ -1204,7 +1250,7 @@ def render_markdown(records, results, variants, batches, dtypes, only):
             f"{r['programs']} | {_fmt(r['waves'], 2)} | {loops} | {r['executed_warp_instructions'] / 1e6:.1f} | "
             f"{r['bytes'] / 1e6:.2f} | {_fmt(r['floor_us_h100'])} / {_fmt(r['floor_us_h200'])} | {_fmt(r['issue_us'])} | "
             f"{_fmt(r['estimate_us'])} | {_fmt(r['ratio'], 2)} | {r['bound']} |")
-    flags = sorted({f"{r['kernel']}: {fl}" for r in ok for fl in r["flags"]})
+    flags = sorted({f"`{r['config']}`: {fl}" for r in ok for fl in r["flags"]})
     if flags:
         lines += ["", "## Flags (approximations in the trip counts)", ""] + [f"- {f}" for f in flags]
     lines.append("")
