@@ -87,7 +87,8 @@ ASSUMPTIONS = [
 # ------------------------------------------------------------------------------------------------------------
 
 _LINE_RE = re.compile(r'//## File "([^"]*)", line (\d+)(.*)$')
-_SHORT_LINE_RE = re.compile(r"^\s*// ([\w.\-]+\.py):(\d+)((?: <- [\w.\-:]+)*)\s*$")
+_FILE_HEADER_RE = re.compile(r"^//# file (\S+)\s*$")
+_TRAILING_LOC_RE = re.compile(r";\s*//\s*((?:[\w.\-]+:)?\d+(?:<-(?:[\w.\-]+:)?\d+)*)\s*$")
 _INLINED_RE = re.compile(r'inlined at "([^"]*)", line (\d+)')
 _INSTR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;?\s*(?:/\*.*)?$")
 _LABEL_RE = re.compile(r"^\s*(\.L\w+):\s*$")
@@ -102,6 +103,7 @@ def parse_sass(text):
     or None). Labels are resolved to addresses."""
     instrs, labels, pending_labels = [], {}, []
     loc = ()
+    main_file = ""
     for raw in text.splitlines():
         m = _LINE_RE.search(raw)
         if m:
@@ -109,14 +111,18 @@ def parse_sass(text):
             chain += [(os.path.basename(f), int(n)) for f, n in _INLINED_RE.findall(m.group(3))]
             loc = tuple(chain)
             continue
-        m = _SHORT_LINE_RE.match(raw)
+        m = _FILE_HEADER_RE.match(raw)
         if m:
-            chain = [(m.group(1), int(m.group(2)))]
-            for part in m.group(3).split(" <- ")[1:]:
-                f, _, n = part.rpartition(":")
-                chain.append((f or m.group(1), int(n)))
-            loc = tuple(chain)
+            main_file = m.group(1)
             continue
+        m = _TRAILING_LOC_RE.search(raw)
+        if m and raw.lstrip().startswith("/*"):
+            chain = []
+            for part in m.group(1).split("<-"):
+                f, _, n = part.rpartition(":")
+                chain.append((f or main_file, int(n)))
+            loc = tuple(chain)
+            raw = raw[:m.start()] + ";"
         m = _LABEL_RE.match(raw)
         if m:
             pending_labels.append(m.group(1))
@@ -847,9 +853,15 @@ def _compile_one(name):
 
 
 def _shorten_sass(text):
-    """The saved listing (plain text, compact): one function, no section directives, padding collapsed, source
-    locations as ``// file.py:LINE <- CALLER_LINE ...`` (inline chain, innermost first). ``parse_sass`` reads it."""
-    out = []
+    """The saved listing (plain text, compact): one function, no section directives, padding collapsed. A source
+    location is appended to the first instruction it applies to as ``// LINE<-CALLER<-...`` (inline chain,
+    innermost first; ``file.py:LINE`` for a file other than the kernel's, which the header line names).
+    ``parse_sass`` reads this form as well as nvdisasm's."""
+    instrs = parse_sass(text)
+    outer = collections.Counter(ins["loc"][-1][0] for ins in instrs if ins["loc"])
+    main = outer.most_common(1)[0][0] if outer else ""
+    out = [f"//# file {main}"] if main else []
+    loc = ()
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith((".section", ".align", ".type", ".size", ".other", ".global",
@@ -857,14 +869,15 @@ def _shorten_sass(text):
             continue
         m = _LINE_RE.search(line)
         if m:
-            f = os.path.basename(m.group(1))
-            chain = [f"{f}:{m.group(2)}"]
-            for g, n in _INLINED_RE.findall(m.group(3)):
-                g = os.path.basename(g)
-                chain.append(n if g == f else f"{g}:{n}")
-            out.append("// " + " <- ".join(chain))
+            chain = [(os.path.basename(m.group(1)), m.group(2))]
+            chain += [(os.path.basename(f), n) for f, n in _INLINED_RE.findall(m.group(3))]
+            loc = chain
             continue
-        out.append(re.sub(r"\s+", " ", stripped))
+        text_line = re.sub(r"\s+", " ", stripped)
+        if loc and _INSTR_RE.match(line):
+            text_line += " // " + "<-".join(n if f == main else f"{f}:{n}" for f, n in loc)
+            loc = ()
+        out.append(text_line)
     return "\n".join(out) + "\n"
 
 
@@ -930,6 +943,9 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
     total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps)
     issue = issue_time_us(total_instr, programs)
     nbytes, rule = launch_bytes(kernel_name, tensors, consts, scalars)
+    if rule.startswith("generic"):
+        flags.append("bytes: generic rule (no read/write model for this kernel in launch_bytes): every tensor "
+                     "argument counted once in full")
     fl100, fl200 = floor_us(nbytes, H100["hbm_bw"]), floor_us(nbytes, H200_HBM_BW)
     est = max(issue, fl100)
     loop_recs = []
@@ -1012,8 +1028,6 @@ def main(argv=None):
         p.error("--workers must be >= 1")
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if "triton" in sys.modules or "gtpt_kernels" in sys.modules:
-        pass
     sys.path.insert(0, REPO)
     try:
         from gtpt.config import get_config
@@ -1046,7 +1060,12 @@ def run_report(out_dir, variants, batches, dtypes, only, workers):
     for v in variants:
         for b in batches:
             for d in dtypes:
-                launches, cfg = _capture_model(v, b, DTYPES[d], print)
+                try:
+                    launches, cfg = _capture_model(v, b, DTYPES[d], print)
+                except Exception as e:  # a launcher that cannot run on meta tensors: say which, stop
+                    print(f"static_cost: capturing the launches of {v} B={b} {d} failed: {type(e).__name__}: {e}",
+                          file=sys.stderr)
+                    return 1
                 for L in launches:
                     name = L.kernel.fn.__name__
                     L.ctx["op"] = "prune" if "prune" in name or L.kernel.fn.__module__.endswith("token_prune") \
@@ -1071,7 +1090,7 @@ def run_report(out_dir, variants, batches, dtypes, only, workers):
     results = {}
     if workers > 1 and len(names) > 1:
         import multiprocessing as mp
-        with mp.get_context("fork").Pool(workers, initializer=os.nice, initargs=(0,)) as pool:
+        with mp.get_context("fork").Pool(workers) as pool:
             for i, (n, meta) in enumerate(pool.imap_unordered(_compile_one, names), 1):
                 results[n] = meta
                 print(f"[compile] {i}/{len(names)} {n}: " + (f"{meta.get('regs')} regs, {meta['compile_s']} s"
@@ -1151,11 +1170,17 @@ def run_report(out_dir, variants, batches, dtypes, only, workers):
                                        e["tensors"], src, first_line, globs, kfile, trip_cache))
             records.append(rec)
     with open(os.path.join(out_dir, "static_cost.json"), "w") as f:
-        json.dump(records, f, indent=1)
+        # one record per line: compact, and a diff shows which launch configs changed
+        f.write("[\n" + ",\n".join(json.dumps(r, sort_keys=False) for r in records) + "\n]\n")
     with open(os.path.join(out_dir, "static_cost.md"), "w") as f:
         f.write(render_markdown(records, results, variants, batches, dtypes, only))
     print(f"[done] {len(records)} records, {len(results)} configs in {time.perf_counter() - t_start:.0f} s -> "
           f"{out_dir}", flush=True)
+    failed = sorted(n for n, m in results.items() if not m["ok"])
+    if failed:
+        print(f"static_cost: {len(failed)} config(s) failed to compile for sm_90 (see static_cost.md): "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1186,6 +1211,8 @@ def render_markdown(records, results, variants, batches, dtypes, only):
         lines.append(f"triton {triton.__version__}, ptxas/nvdisasm bundled with it.")
     except Exception:
         pass
+    lines.append(f"fp32 MHGA dots: fp32_precision = {os.environ.get('GTPT_KERNELS_FP32_PRECISION', 'ieee')} "
+                 "(the op's default unless GTPT_KERNELS_FP32_PRECISION is set).")
     lines += ["", "## Assumptions", ""] + [f"- {s}" for s in ASSUMPTIONS]
     failed = [n for n, m in results.items() if not m["ok"]]
     if failed:
@@ -1223,6 +1250,24 @@ def render_markdown(records, results, variants, batches, dtypes, only):
             lines.append("")
     lines += ["(per-launch figures; a shape's forward runs once per layer that has it, see `launches_per_*` in "
               "the json. bwd ratio = (dq + dkdv estimates) / (their floors).)", ""]
+    # totals per model call: sum of estimates x launches
+    lines += ["## Totals per model call (sum over launches of estimate x count; kernels of these ops only)", "",
+              "| variant | B | dtype | eval forward: est / floor us (ratio) | train step: est / floor us (ratio) |",
+              "|---|---|---|---|---|"]
+    combos = []
+    for r in ok:
+        c = (r["variant"], r["batch"], r["dtype"])
+        if c not in combos:
+            combos.append(c)
+    for c in combos:
+        rs = [r for r in ok if (r["variant"], r["batch"], r["dtype"]) == c]
+        cells = []
+        for key in ("launches_per_eval_forward", "launches_per_train_step"):
+            e = sum(r["estimate_us"] * r[key] for r in rs)
+            fl = sum(r["floor_us_h100"] * r[key] for r in rs)
+            cells.append(f"{e:.0f} / {fl:.0f} ({e / fl:.2f})" if fl else "-")
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {cells[0]} | {cells[1]} |")
+    lines.append("")
     # configs
     lines += ["## Compiled configs", "",
               "| config | regs | spill B | smem B | warps | blocks/SM (limit) | SASS instr | mma / fma | hot loop "
