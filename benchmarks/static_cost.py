@@ -657,6 +657,70 @@ def launch_bytes(kernel_name, tensors, consts, scalars):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Aggregates: per shape and direction, the issue's targets, comparison with a baseline run (pure python)
+# ------------------------------------------------------------------------------------------------------------
+
+def shape_totals(records):
+    """Sum of estimates and floors per (variant, batch, dtype, op, shape, direction), over the kernels of that
+    launch shape (e.g. dq + dk/dv for the MHGA backward, however many kernels a rewrite splits it into).
+    Returns {key: dict(estimate_us, floor_us_h100, ratio, kernels, registers, spill_bytes)}."""
+    out = collections.OrderedDict()
+    for r in records:
+        if r.get("estimate_us") is None:
+            continue
+        key = (r["variant"], r["batch"], r["dtype"], r["op"], r["shape"], r.get("direction", "fwd"))
+        e = out.setdefault(key, dict(estimate_us=0.0, floor_us_h100=0.0, kernels=[], registers=[], spill_bytes=[]))
+        e["estimate_us"] += r["estimate_us"]
+        e["floor_us_h100"] += r["floor_us_h100"]
+        e["kernels"].append(r["kernel"])
+        e["registers"].append(r["registers"])
+        e["spill_bytes"].append(r["spill_bytes"])
+    for e in out.values():
+        e["ratio"] = e["estimate_us"] / e["floor_us_h100"] if e["floor_us_h100"] else None
+    return out
+
+
+# The targets of issue 12 at B = 128 bf16 (estimates): MHGA forward <= 1.5x floor, MHGA backward (all its kernels)
+# <= 2x, every pruning site <= 2x, dk/dv kernels <= 128 registers, no spills.
+TARGETS = dict(batch=128, dtype="bf16", mhga_fwd=1.5, mhga_bwd=2.0, prune=2.0, dkdv_regs=128)
+
+
+def check_targets(records, targets=TARGETS):
+    """[(what, value, limit, ok)] for the records at the targets' batch and dtype."""
+    rows = []
+    rs = [r for r in records if r["batch"] == targets["batch"] and r["dtype"] == targets["dtype"]
+          and r.get("estimate_us") is not None]
+    for (v, b, d, op, shape, direction), e in shape_totals(rs).items():
+        if op == "mhga":
+            limit = targets["mhga_fwd"] if direction == "fwd" else targets["mhga_bwd"]
+            rows.append((f"{v} {shape} MHGA {direction} ratio", round(e["ratio"], 2), limit, e["ratio"] <= limit))
+        else:
+            rows.append((f"{v} {shape} prune ratio", round(e["ratio"], 2), targets["prune"],
+                         e["ratio"] <= targets["prune"]))
+    dk = [r for r in rs if r["op"] == "mhga" and r.get("direction") == "bwd" and "dk" in r["kernel"]]
+    if dk:
+        worst = max(r["registers"] for r in dk)
+        rows.append(("max registers of the dk/dv kernel(s)", worst, targets["dkdv_regs"],
+                     worst <= targets["dkdv_regs"]))
+    spills = [r for r in records if r.get("spill_bytes")]
+    rows.append(("configs that spill (any batch / dtype)", len({r["config"] for r in spills}), 0, not spills))
+    return rows
+
+
+def compare_runs(records, baseline):
+    """[(variant, batch, dtype, op, shape, direction, before ratio, after ratio, before est, after est)] for the
+    shape keys both runs have."""
+    before, after = shape_totals(baseline), shape_totals(records)
+    rows = []
+    for key, a in after.items():
+        b = before.get(key)
+        if b is None:
+            continue
+        rows.append(key + (b["ratio"], a["ratio"], b["estimate_us"], a["estimate_us"]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Launch capture (needs torch + triton, TRITON_INTERPRET unset)
 # ------------------------------------------------------------------------------------------------------------
 
@@ -1018,6 +1082,8 @@ def main(argv=None):
     p.add_argument("--batches", default="32,128", help="comma-separated batch sizes")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32, fp16")
     p.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument("--compare", metavar="JSON", help="a baseline static_cost.json (or its folder): adds a before / "
+                                                    "now table per shape")
     p.add_argument("--nice", type=int, default=10, help="raise the process niceness by this much first (default 10; "
                                                         "nothing here is timed)")
     a = p.parse_args(argv)
@@ -1034,6 +1100,18 @@ def main(argv=None):
         p.error("--batches must be positive integers")
     if a.workers < 1:
         p.error("--workers must be >= 1")
+    baseline = None
+    if a.compare:
+        path = os.path.join(a.compare, "static_cost.json") if os.path.isdir(a.compare) else a.compare
+        try:
+            with open(path) as f:
+                baseline = json.load(f)
+            if not isinstance(baseline, list) or not all(isinstance(r, dict) and "shape" in r for r in baseline):
+                raise ValueError("not a list of static_cost records")
+        except (OSError, ValueError) as e:
+            print(f"static_cost: --compare {a.compare}: cannot read a static_cost.json there ({e})", file=sys.stderr)
+            return 2
+        a.compare = path
     if a.nice > 0:
         os.nice(a.nice)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -1058,10 +1136,10 @@ def main(argv=None):
     except OSError as e:
         print(f"static_cost: --out {a.out}: cannot create it ({e})", file=sys.stderr)
         return 1
-    return run_report(a.out, variants, batches, dtypes, a.only, a.workers)
+    return run_report(a.out, variants, batches, dtypes, a.only, a.workers, baseline, a.compare)
 
 
-def run_report(out_dir, variants, batches, dtypes, only, workers):
+def run_report(out_dir, variants, batches, dtypes, only, workers, baseline=None, baseline_name=None):
     import torch
     t_start = time.perf_counter()
     kc = _compile_helpers()
@@ -1183,7 +1261,7 @@ def run_report(out_dir, variants, batches, dtypes, only, workers):
         # one record per line: compact, and a diff shows which launch configs changed
         f.write("[\n" + ",\n".join(json.dumps(r, sort_keys=False) for r in records) + "\n]\n")
     with open(os.path.join(out_dir, "static_cost.md"), "w") as f:
-        f.write(render_markdown(records, results, variants, batches, dtypes, only))
+        f.write(render_markdown(records, results, variants, batches, dtypes, only, baseline, baseline_name))
     print(f"[done] {len(records)} records, {len(results)} configs in {time.perf_counter() - t_start:.0f} s -> "
           f"{out_dir}", flush=True)
     failed = sorted(n for n, m in results.items() if not m["ok"])
@@ -1210,7 +1288,7 @@ def _mem_summary(mem):
     return ", ".join(f"{k} x{v}" for k, v in sorted(mem.items())) or "-"
 
 
-def render_markdown(records, results, variants, batches, dtypes, only):
+def render_markdown(records, results, variants, batches, dtypes, only, baseline=None, baseline_name=None):
     ok = [r for r in records if r.get("estimate_us") is not None]
     lines = ["# Static sm_90 cost report (ESTIMATES from compiled code, not measurements)", ""]
     lines.append(f"Variants {', '.join(variants)}; batches {', '.join(map(str, batches))}; dtypes "
@@ -1278,6 +1356,21 @@ def render_markdown(records, results, variants, batches, dtypes, only):
             cells.append(f"{e:.0f} / {fl:.0f} ({e / fl:.2f})" if fl else "-")
         lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {cells[0]} | {cells[1]} |")
     lines.append("")
+    targets = check_targets(ok)
+    if any(r["batch"] == TARGETS["batch"] and r["dtype"] == TARGETS["dtype"] for r in ok):
+        lines += [f"## Issue 12 targets at B = {TARGETS['batch']} {TARGETS['dtype']} (estimates)", "",
+                  "| what | value | limit | met |", "|---|---|---|---|"]
+        lines += [f"| {w} | {v} | {lim} | {'yes' if good else '**no**'} |" for w, v, lim, good in targets]
+        lines.append("")
+    if baseline is not None:
+        rows = compare_runs(ok, baseline)
+        lines += [f"## Against the baseline `{baseline_name}` (estimate / H100 floor, per shape and direction)", "",
+                  "| variant | B | dtype | op | shape | dir | ratio before | ratio now | est before us | est now us |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for v, b, d, op, shape, direction, rb, ra, eb, ea in rows:
+            lines.append(f"| {v} | {b} | {d} | {op} | {shape} | {direction} | {_fmt(rb, 2)} | **{_fmt(ra, 2)}** | "
+                         f"{_fmt(eb)} | {_fmt(ea)} |")
+        lines.append("")
     # configs
     lines += ["## Compiled configs", "",
               "| config | regs | spill B | smem B | warps | blocks/SM (limit) | SASS instr | mma / fma | hot loop "

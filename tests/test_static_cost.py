@@ -162,3 +162,26 @@ def test_committed_report_schema(sc):
     assert {r["variant"] for r in records} == {"gtpt-s", "gtpt-b", "gtpt-s-wholebody"}
     assert {r["batch"] for r in records} == {32, 128} and {r["dtype"] for r in records} == {"bf16", "fp32"}
     assert math.isfinite(sum(r["estimate_us"] for r in records))
+
+
+def test_targets_and_comparison(sc):
+    def rec(kernel, shape, direction, est, floor, regs=100, spill=0, op="mhga"):
+        return dict(op=op, kernel=kernel, shape=shape, variant="gtpt-s", batch=128, dtype="bf16", direction=direction,
+                    estimate_us=est, floor_us_h100=floor, registers=regs, spill_bytes=spill, config=kernel + shape)
+    before = [rec("_fwd", "fine", "fwd", 30.0, 10.0), rec("_dq", "fine", "bwd", 30.0, 10.0),
+              rec("_dkdv", "fine", "bwd", 50.0, 10.0, regs=181), rec("_prune", "fine_l3", "fwd", 90.0, 8.0, op="prune")]
+    # a rewrite that splits dk/dv in two kernels: the backward is compared as a whole
+    after = [rec("_fwd", "fine", "fwd", 12.0, 10.0), rec("_dq", "fine", "bwd", 15.0, 10.0),
+             rec("_dkdv_shared", "fine", "bwd", 5.0, 2.0, regs=120), rec("_dkdv_own", "fine", "bwd", 15.0, 8.0, regs=128),
+             rec("_prune", "fine_l3", "fwd", 17.0, 8.0, op="prune", spill=8)]
+    totals = sc.shape_totals(after)
+    assert totals[("gtpt-s", 128, "bf16", "mhga", "fine", "bwd")]["ratio"] == pytest.approx(35.0 / 20.0)
+    checks = {w: (v, ok) for w, v, lim, ok in sc.check_targets(after)}
+    assert checks["gtpt-s fine MHGA fwd ratio"] == (1.2, True)
+    assert checks["gtpt-s fine MHGA bwd ratio"] == (1.75, True)
+    assert checks["gtpt-s fine_l3 prune ratio"] == (2.12, False)
+    assert checks["max registers of the dk/dv kernel(s)"] == (128, True)
+    assert checks["configs that spill (any batch / dtype)"] == (1, False)
+    assert {w: ok for w, v, lim, ok in sc.check_targets(before)}["max registers of the dk/dv kernel(s)"] is False
+    rows = {r[:6]: r[6:] for r in sc.compare_runs(after, before)}
+    assert rows[("gtpt-s", 128, "bf16", "mhga", "fine", "bwd")][:2] == (pytest.approx(4.0), pytest.approx(1.75))
