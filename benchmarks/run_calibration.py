@@ -259,10 +259,29 @@ def main(argv=None) -> int:
     ap.add_argument("--static-json", default=None, help="static_cost.json to calibrate (default: see above)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new measurement after this many seconds")
     ap.add_argument("--iters", type=int, default=20, help="profiled iterations per measurement (default 20)")
+    ap.add_argument("--list-cases", action="store_true",
+                    help="print the measurements the static records call for and exit (no GPU needed; 0 also when "
+                         "there is no static report, the stage then skips)")
     args = ap.parse_args(argv)
     if args.static_json and not os.path.isfile(args.static_json):
         print(f"--static-json {args.static_json}: no such file", file=sys.stderr)
         return 2
+    if args.list_cases:
+        path = args.static_json or next((p for p in (os.path.join(ROOT, ".whl", "static_cost.json"),)
+                                         if os.path.exists(p)), None)
+        if path is None:
+            made = os.path.exists(os.path.join(HERE, "static_cost.py"))
+            print("static_cost.json will be made there by benchmarks/static_cost.py" if made else
+                  "no static report: the calibration stage will skip")
+            return 0
+        try:
+            keys = groups_in_order(load_records(path))
+        except (OSError, ValueError) as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return 1
+        for k in keys:
+            print(" ".join(map(str, k)))
+        return 0 if keys else 1
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     from gtpt.profiler import interrupt_on_stop_signals

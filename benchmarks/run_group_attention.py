@@ -514,7 +514,15 @@ def main(argv=None) -> int:
                    help="bandwidth (TB/s) the memory floor is taken at (default: measured device-to-device copy)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: run B=1 on CPU with wall-clock timing to check the pipeline")
+    p.add_argument("--list-cases", action="store_true",
+                   help="print the cases in the order they would run and exit (1 if there are none); no GPU needed")
     args = p.parse_args(argv)
+
+    if args.list_cases:
+        plan = case_plan([SHAPES[s] for s in args.shapes], args.batch, args.dtype, args.impls, args.modes)
+        for shape, B, d, m, impls in plan:
+            print(f"{shape.name} B={B} {d} {m}: {' '.join(impls)}")
+        return 0 if plan else 1
 
     if torch.cuda.is_available():
         device = torch.device("cuda")

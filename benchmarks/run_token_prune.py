@@ -446,9 +446,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new case after this many seconds (the rest are reported as not run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run to check the pipeline (no timings)")
+    ap.add_argument("--list-cases", action="store_true",
+                    help="print the cases in the order they would run and exit (1 if there are none); no GPU needed")
     args = ap.parse_args(argv)
 
     compile_mode = None if args.compile_mode == "none" else args.compile_mode
+    if args.list_cases:
+        plan = case_plan(args.sites, args.batch, args.dtype, compile_mode is not None)
+        for name, B, dt, impls in plan:
+            print(f"{name} B={B} {dt}: {' '.join(impls)}")
+        return 0 if plan else 1
     if args.cpu_smoke:
         device, batches, dtypes, compile_mode = "cpu", [1], ["fp32"], None
         sites = ["fine_L3"]
