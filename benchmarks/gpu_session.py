@@ -55,7 +55,15 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BUDGET_S = 420.0
-KILL_AFTER_S = 5.0        # SIGTERM at the deadline, SIGKILL this much later (the end of the stage's slot)
+# SIGTERM at the deadline, SIGKILL this much later (the end of the stage's slot); GPU_KILL_AFTER_S overrides it
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        sys.exit(f"{name}={os.environ[name]!r} is not a number of seconds")
+
+
+KILL_AFTER_S = _env_seconds("GPU_KILL_AFTER_S", 5.0)
 POLL_S = 0.2
 BUNDLE = "gpu-results.tar.gz"
 
@@ -455,13 +463,27 @@ def environment_text(py: str, t_limit: float) -> str:
                          "torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, "
                          "'| cuda available', torch.cuda.is_available())"],
               [py, "-c", "import fvcore, pycocotools; print('fvcore + pycocotools importable')"]]
-    for argv in probes:
+    procs = []
+    for argv in probes:  # side by side, all within t_limit
         try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=max(5.0, t_limit), cwd=ROOT)
-            out = (p.stdout.strip() or p.stderr.strip().splitlines()[-1:] and p.stderr.strip().splitlines()[-1])
-            lines.append(("device: " if argv[0] == "nvidia-smi" else "") + (out or f"exit {p.returncode}"))
-        except Exception as e:
-            lines.append(f"{argv[0]}: {type(e).__name__}: {e}")
+            procs.append((argv, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 cwd=ROOT, start_new_session=True)))
+        except OSError as e:
+            procs.append((argv, e))
+    until = time.time() + t_limit
+    for argv, p in procs:
+        what = "device: " if argv[0] == "nvidia-smi" else ""
+        if isinstance(p, OSError):
+            lines.append(f"{what}{argv[0]}: {p}")
+            continue
+        try:
+            out, err = p.communicate(timeout=max(0.1, until - time.time()))
+            last = (out.strip() or (err.strip().splitlines() or [f"exit {p.returncode}"])[-1])
+            lines.append(what + last)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            lines.append(f"{what}{' '.join(argv)[:60]}...: no answer within {t_limit:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -475,11 +497,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     t0 = float(os.environ.get("GPU_T0") or time.time())
-    try:
-        budget = float(os.environ.get("GPU_BUDGET_S") or DEFAULT_BUDGET_S)
-    except ValueError:
-        print(f"GPU_BUDGET_S={os.environ['GPU_BUDGET_S']!r} is not a number of seconds", file=sys.stderr)
-        return 2
+    budget = _env_seconds("GPU_BUDGET_S", DEFAULT_BUDGET_S)
     py = os.environ.get("GPU_PYTHON", sys.executable)
     if args.plan:
         stages = plan_from_file(args.plan)
@@ -533,7 +551,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    env_txt = environment_text(py, min(30.0, budget * 0.05))
+    env_txt = environment_text(py, max(3.0, min(30.0, budget * 0.05)))
     with open(os.path.join(res, "environment.txt"), "w") as f:
         f.write(env_txt + f"stages: {' '.join(s.name for s in stages)} | budget: {budget:.0f} s\n")
     sess.say(env_txt.rstrip())

@@ -23,8 +23,9 @@ cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then
   exec > >(tee -a "$OUT/run.log") 2>&1
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHL="${GPU_WHEELS_DIR:-.whl}"
+if ls "$WHL"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
     || echo "warning: installing the carried wheels failed; their imports will fail (the preflight lists them)"
 fi
@@ -32,5 +33,8 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 benchmarks/gpu_session.py "$@"
 rc=$?
-wait  # let tee finish writing run.log
+if [ -n "${OUT:-}" ]; then
+  exec >&- 2>&-  # end of input for tee: it writes the rest of run.log and exits
+  wait
+fi
 exit $rc
