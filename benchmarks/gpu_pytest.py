@@ -63,7 +63,12 @@ def main(argv=None) -> int:
     select = [f for f in os.environ.get("GTPT_PYTEST_SELECT", "").split(",") if f]
     if select:
         plugins.append(SelectKernelTests(select))
-    return int(pytest.main(list(sys.argv[1:] if argv is None else argv), plugins=plugins))
+    try:
+        return int(pytest.main(list(sys.argv[1:] if argv is None else argv), plugins=plugins))
+    except KeyboardInterrupt:  # before pytest's session began (loading conftest / importing torch)
+        print(f"gpu_pytest: stopped by {signal.Signals(stop.signum or signal.SIGINT).name} before the test session "
+              "started", flush=True)
+        return 2
 
 
 if __name__ == "__main__":

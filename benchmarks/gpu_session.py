@@ -19,8 +19,9 @@ Stages, most important first (issue 13):
                     the whole test suite
 
 Time: ``GPU_BUDGET_S`` (default 420 s) bounds the session from the start of ``run_gpu.sh`` (``GPU_T0``). When a
-stage starts it gets the time left times its share over the shares of the stages still to run, so time a stage does
-not use flows to all later ones. Each command runs in its own process group and gets SIGTERM at its deadline (the
+stage starts, ``MIN_SLOT_S`` (10 s) is set aside for it and each later stage, and it gets that plus the rest of the
+time left times its share over the shares of the stages still to run: time a stage does not use flows to all later
+ones, and with a short budget every stage still starts. Each command runs in its own process group and gets SIGTERM at its deadline (the
 benchmark scripts then write their tables, pytest its summary and junit file) and SIGKILL ``KILL_AFTER_S`` later;
 the deadline is set that much before the end of the stage's slot, so no stage ever takes time from the next. The
 benchmark scripts are also given ``--budget-s`` (stop starting cases) a little before the deadline.
@@ -64,6 +65,9 @@ def _env_seconds(name: str, default: float) -> float:
 
 
 KILL_AFTER_S = _env_seconds("GPU_KILL_AFTER_S", 5.0)
+# Every stage (and the first command of a multi-command stage) gets at least this long when the budget allows: with
+# a short budget every stage still starts, and reports what it managed.
+MIN_SLOT_S = 2 * KILL_AFTER_S
 POLL_S = 0.2
 BUNDLE = "gpu-results.tar.gz"
 
@@ -91,6 +95,15 @@ def _inner_budget(seconds: float) -> float:
     """--budget-s for a benchmark given `seconds` until its SIGTERM: stop starting cases early enough that the case
     in flight (a compile takes tens of seconds) usually ends and the tables are written before the deadline."""
     return max(1.0, min(seconds - 8.0, seconds * 0.8))
+
+
+def slot_for(left: float, shares: List[float]) -> float:
+    """The slot of the first of the stages still to run, given ``left`` seconds and their shares: ``MIN_SLOT_S``
+    each is set aside first (or an equal part, if there is not that much), the rest is split by share."""
+    n = len(shares)
+    if left <= MIN_SLOT_S * n:
+        return max(0.0, left / n)
+    return MIN_SLOT_S + (left - MIN_SLOT_S * n) * shares[0] / sum(shares)
 
 
 def _b(x: float) -> str:
@@ -262,8 +275,10 @@ class Session:
         if "sigkill_s" in rec:
             rec.update(status="cut", note=f"ignored SIGTERM at its deadline: SIGKILL {KILL_AFTER_S:.0f} s later")
         elif "sigterm_s" in rec:
+            died = (" - died of the signal, before its own stop handling was set up (still starting, e.g. importing "
+                    "torch)") if rc in (-signal.SIGTERM, -signal.SIGINT) else ""
             rec.update(status="cut", note="SIGTERM at its deadline" + (f" ({self.stopping})" if self.stopping else
-                                                                       "") + f"; exit {rc}")
+                                                                       "") + f"; exit {rc}{died}")
         elif rc == 0:
             rec.update(status="ok", note="")
         else:
@@ -528,7 +543,7 @@ def main(argv=None) -> int:
         left = budget - (time.time() - t0)
         print(f"plan for GPU_BUDGET_S={budget:.0f} ({left:.0f} s left), each stage using its whole slot:")
         for i, s in enumerate(stages):
-            slot = left * s.share / sum(x.share for x in stages[i:])
+            slot = slot_for(left, [x.share for x in stages[i:]])
             print(f"  {s.name:<12} slot {slot:5.0f} s  {s.what}")
             for c in s.cmds:
                 folder = f"<out>/{s.name}/{c.name}" if len(s.cmds) > 1 else f"<out>/{s.name}"
@@ -565,7 +580,7 @@ def main(argv=None) -> int:
         rec = summary["stages"][i]
         start = time.time()
         left = sess.end - start
-        slot = max(0.0, left * st.share / sum(x.share for x in stages[i:]))
+        slot = slot_for(left, [x.share for x in stages[i:]])
         stage_end = start + slot
         rec.update(slot_s=round(slot, 1), started_s=round(start - t0, 1),
                    deadline_s=round(stage_end - KILL_AFTER_S - t0, 1))
@@ -578,7 +593,7 @@ def main(argv=None) -> int:
                                     "note": sess.stopping or "the stage's deadline had passed"})
                 continue
             # commands of one stage share its slot: each gets an equal part of what is left
-            cmd_end = now + (stage_end - now) / (len(st.cmds) - j)
+            cmd_end = now + max((stage_end - now) / (len(st.cmds) - j), min(MIN_SLOT_S, stage_end - now))
             folder = os.path.join(res, st.name, cmd.name) if len(st.cmds) > 1 else os.path.join(res, st.name)
             c = sess.run_cmd(cmd, folder, cmd_end - KILL_AFTER_S)
             c["details"] = details(cmd.kind, folder)
