@@ -7,7 +7,8 @@
   keep the session going: after the first signal the session stops when the current test ends. Further signals are
   only recorded, so the summary is written whole; the stage's SIGKILL is the backstop.
 * ``GTPT_PYTEST_SELECT=file.py,other.py``: keep only the tests of those files plus every ``gpu``-marked test (the
-  rest are reported as deselected): the GPU correctness stage without the CPU-only suite.
+  rest are reported as deselected): the GPU correctness stage without the CPU-only suite. Run from the repository
+  root (the selection loads as the plug-in ``benchmarks.gpu_pytest``, in pytest-xdist's workers too).
 """
 import os
 import signal
@@ -42,29 +43,28 @@ class StopOnSignal:
             self.session.shouldstop = f"stopped by {signal.Signals(self.signum).name} (the stage's deadline)"
 
 
-class SelectKernelTests:
-    def __init__(self, files):
-        self.files = set(files)
-
-    def pytest_collection_modifyitems(self, config, items):
-        keep, drop = [], []
-        for item in items:
-            (keep if os.path.basename(str(item.fspath)) in self.files or item.get_closest_marker("gpu")
-             else drop).append(item)
-        if drop:
-            config.hook.pytest_deselected(items=drop)
-            items[:] = keep
+def pytest_collection_modifyitems(config, items):
+    """The selection, as a plug-in module (``-p benchmarks.gpu_pytest``) so that pytest-xdist's workers, which do
+    the collecting there, load it too."""
+    files = {f for f in os.environ.get("GTPT_PYTEST_SELECT", "").split(",") if f}
+    if not files:
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if os.path.basename(str(item.fspath)) in files or item.get_closest_marker("gpu") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def main(argv=None) -> int:
     stop = StopOnSignal()
     stop.install()
-    plugins = [stop]
-    select = [f for f in os.environ.get("GTPT_PYTEST_SELECT", "").split(",") if f]
-    if select:
-        plugins.append(SelectKernelTests(select))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("GTPT_PYTEST_SELECT"):
+        args = ["-p", "benchmarks.gpu_pytest"] + args
     try:
-        return int(pytest.main(list(sys.argv[1:] if argv is None else argv), plugins=plugins))
+        return int(pytest.main(args, plugins=[stop]))
     except KeyboardInterrupt:  # before pytest's session began (loading conftest / importing torch)
         print(f"gpu_pytest: stopped by {signal.Signals(stop.signum or signal.SIGINT).name} before the test session "
               "started", flush=True)

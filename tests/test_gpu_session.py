@@ -216,3 +216,17 @@ def test_gtpt_train_main_hands_sigterm_back_to_its_caller(tmp_path, monkeypatch)
         assert train_module.main(args) == 130
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_pytest_runner_selects_kernel_files_and_gpu_marked_tests(tmp_path):
+    (tmp_path / "test_kernel_a.py").write_text("def test_one():\n    pass\n")
+    (tmp_path / "test_other.py").write_text("import pytest\n\ndef test_cpu_only():\n    pass\n\n"
+                                            "@pytest.mark.gpu\ndef test_on_gpu():\n    pass\n")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_pytest.py"), str(tmp_path), "-p", "no:cacheprovider",
+                        "--collect-only", "-q", "-W", "ignore::pytest.PytestUnknownMarkWarning"], cwd=ROOT,
+                       env=dict(os.environ, GTPT_PYTEST_SELECT="test_kernel_a.py", PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    assert sorted(i.split("::")[1] for i in ids) == ["test_on_gpu", "test_one"]
+    assert "2/3 tests collected (1 deselected)" in p.stdout
