@@ -409,7 +409,8 @@ def summary_markdown(summary: dict) -> str:
                     ran.append(f"{c['cmd']}: {v['passed']} passed, {v['failures']} failed, {v['errors']} errors, "
                                f"{v['skipped']} skipped")
                 elif k == "tests_from_log":
-                    ran.append(f"{c['cmd']}: from the log {v}")
+                    ran.append(f"{c['cmd']}: no junit file; from the log: "
+                               + (", ".join(f"{n} {w}" for w, n in v.items()) or "no test finished"))
                 elif isinstance(v, dict) and "ran" in v:
                     ran.append(f"{c['cmd']}: {v['ran']} cases")
                     if v["not_run"]:
