@@ -13,8 +13,9 @@ Measurement: for each (op, shape, batch, dtype) of the records, the fused op (MH
 pruning kernel) runs under ``torch.profiler`` and every Triton kernel's device time is read by kernel name, the
 median over the iterations: once with the inputs L2-warm (back to back) and once with L2 flushed before every
 iteration (a 256 MB buffer zeroed). A record is matched to the measured kernel by name (``kernel``), else by role
-(forward / dq / dk-dv / prune). Shapes are the benchmarks' (``run_group_attention.SHAPES``,
-``run_token_prune.SITES``); a record whose shape has no benchmark counterpart is listed as not measured. Writes
+(forward / dq / dk-dv / prune). MHGA shapes come from the record's launch geometry (``problem``: G, N, S;
+``constexprs``: PAD_TOKEN, HEAD_DIM), else by name from ``run_group_attention.SHAPES``; pruning sites by name from
+``run_token_prune.SITES``; a record without a benchmark counterpart is listed as not measured. Writes
 ``calibration.json`` and ``calibration.md``.
 """
 from __future__ import annotations
@@ -50,9 +51,16 @@ def _norm(x) -> str:
     return re.sub(r"[\s\-]+", "_", str(x).strip().lower())
 
 
-def bench_case(rec: dict) -> Tuple[Optional[str], str]:
-    """(benchmark case name, why not) for a static record."""
+def bench_case(rec: dict):
+    """(benchmark case, why not) for a static record: an MHGA record with its launch geometry (``problem``: G, N,
+    S; ``constexprs``: PAD_TOKEN, HEAD_DIM) gives ("mhga_shape", G, N, S, pad, heads, dim); otherwise the case is
+    found by shape name (a ``run_group_attention.SHAPES`` / ``run_token_prune.SITES`` key)."""
     op, shape, variant = _norm(rec.get("op", "")), _norm(rec.get("shape", "")), _norm(rec.get("variant", ""))
+    prob, consts = rec.get("problem") or {}, rec.get("constexprs") or {}
+    if op == "mhga" and all(isinstance(prob.get(k), int) for k in ("G", "N", "S")):
+        heads = 8  # every GTPT variant (gtpt/config.py)
+        dim = heads * int(consts.get("HEAD_DIM", 24))
+        return ("mhga_shape", prob["G"], prob["N"], prob["S"], bool(consts.get("PAD_TOKEN", False)), heads, dim), ""
     if op == "mhga":
         if "wholebody" in variant and shape == "fine":
             return "wholebody_fine", ""
@@ -60,11 +68,16 @@ def bench_case(rec: dict) -> Tuple[Optional[str], str]:
             return None, f"no benchmark shape for {rec.get('variant')} {rec.get('shape')}"
         name = MHGA_SHAPES.get(shape)
     elif op == "prune":
-        if "wholebody" in variant and shape == "fine_l3":
-            return "fine_L3_wholebody", ""
-        if "wholebody" in variant and shape not in PRUNE_SITES:
+        name = "fine_L3_wholebody" if "wholebody" in variant and shape == "fine_l3" else PRUNE_SITES.get(shape)
+        if name is None:
             return None, f"no benchmark site for {rec.get('variant')} {rec.get('shape')}"
-        name = PRUNE_SITES.get(shape)
+        # the benchmark site must be the launch the record describes (WholeBody keeps other counts, for one)
+        import run_token_prune as tp
+        site = tp.SITES[name]
+        want = {"N": site.N, "K": site.keep, "G": site.G}
+        got = {k: prob[k] for k in want if isinstance(prob.get(k), int)}
+        if any(got[k] != want[k] for k in got):
+            return None, f"benchmark site {name} is {want}, the record's launch {got}"
     else:
         return None, f"unknown op {rec.get('op')!r}"
     return (name, "") if name else (None, f"no benchmark case for shape {rec.get('shape')!r}")
@@ -115,7 +128,7 @@ def groups_in_order(records: List[dict]) -> List[tuple]:
             k = (_norm(r["op"]), case, r["batch"], dt)
             if k not in keys:
                 keys.append(k)
-    return sorted(keys, key=lambda k: (["bf16", "fp16", "fp32"].index(k[3]), -k[2], k[0] != "mhga"))
+    return sorted(keys, key=lambda k: (["bf16", "fp16", "fp32"].index(k[3]), -k[2], k[0] != "mhga", str(k[1])))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -124,7 +137,11 @@ def groups_in_order(records: List[dict]) -> List[tuple]:
 def _step(op: str, case: str, B: int, dtype: str):
     if op == "mhga":
         import run_group_attention as ga
-        shape = ga.SHAPES[case]
+        if isinstance(case, tuple):
+            _, G, N, S, pad, heads, dim = case
+            shape = ga.Shape(f"G{G}_N{N}_S{S}", G, N, S, pad, heads, dim)
+        else:
+            shape = ga.SHAPES[case]
         qkv, grad = ga.make_inputs(shape, B, ga.DTYPES[dtype], "cuda", requires_grad=True)
         return ga.make_step(ga.make_callable("fused", shape, B, ga.DTYPES[dtype], "cuda"), "fwd+bwd", qkv, grad)
     import run_token_prune as tp
@@ -182,8 +199,9 @@ def obtain_static(args, out_dir: str, budget_s: Optional[float]) -> Tuple[Option
     limit = None if budget_s is None else max(5.0, budget_s / 2)
     t0 = time.time()
     with open(os.path.join(out_dir, "static_cost.log"), "wb") as log:
-        proc = subprocess.Popen([sys.executable, script, "--out", dest], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        workers = str(max(1, min(14, (os.cpu_count() or 2) - 2)))  # its compiles are CPU-bound: 16 cores there
+        proc = subprocess.Popen([sys.executable, script, "--out", dest, "--workers", workers], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -212,8 +230,8 @@ def build_rows(records: List[dict], measured: Dict[tuple, dict], notes: Dict[tup
         key = (_norm(r.get("op", "")), case, r.get("batch"), dt)
         row = {k: r.get(k) for k in ("op", "kernel", "shape", "variant", "batch", "dtype", "estimate_us",
                                      "floor_us_h100", "ratio")}
-        row["config"] = f"{r.get('op')} {r.get('kernel')} {r.get('shape')} {r.get('variant')} B={r.get('batch')} " \
-                        f"{r.get('dtype')}"
+        row["config"] = r.get("config") or (f"{r.get('op')} {r.get('kernel')} {r.get('shape')} {r.get('variant')} "
+                                            f"B={r.get('batch')} {r.get('dtype')}")
         row["measured_us"] = None
         if case is None or dt is None:
             row["note"] = why or f"unknown dtype {r.get('dtype')!r}"
@@ -226,7 +244,7 @@ def build_rows(records: List[dict], measured: Dict[tuple, dict], notes: Dict[tup
             else:
                 m = measured[key][name]
                 row.update(measured_kernel=name, measured_us=m.get("warm_us"), measured_flushed_us=m.get("flushed_us"),
-                           bench_case=case)
+                           bench_case=case if isinstance(case, str) else list(case))
                 est, floor = r.get("estimate_us"), r.get("floor_us_h100")
                 if est and row["measured_us"]:
                     row["measured_over_estimate"] = row["measured_us"] / est

@@ -230,3 +230,33 @@ def test_pytest_runner_selects_kernel_files_and_gpu_marked_tests(tmp_path):
     ids = [ln for ln in p.stdout.splitlines() if "::" in ln]
     assert sorted(i.split("::")[1] for i in ids) == ["test_on_gpu", "test_one"]
     assert "2/3 tests collected (1 deselected)" in p.stdout
+
+
+def test_calibration_joins_static_records_to_measured_kernels():
+    sys.path.insert(0, BENCH)
+    try:
+        import run_calibration as cal
+    finally:
+        sys.path.remove(BENCH)
+    fine = dict(op="mhga", shape="fine", variant="gtpt-s", batch=128, dtype="bf16", estimate_us=40.0,
+                floor_us_h100=10.0, problem={"G": 3, "N": 82, "S": 6}, constexprs={"HEAD_DIM": 24, "PAD_TOKEN": True})
+    recs = [dict(fine, kernel="_mhga_fwd_kernel"), dict(fine, kernel="_mhga_bwd_dkdv_kernel"),
+            dict(op="prune", kernel="_prune_kernel", shape="fine_entry", variant="gtpt-s-wholebody", batch=32,
+                 dtype="bf16", problem={"G": 3, "N": 179, "K": 122}),  # WholeBody keeps more: not the body site
+            dict(op="prune", kernel="_prune_kernel", shape="fine_l3", variant="gtpt-s", batch=32, dtype="bf16",
+                 estimate_us=20.0, problem={"G": 3, "N": 76, "K": 25})]
+    keys = cal.groups_in_order(recs)
+    geom = ("mhga", ("mhga_shape", 3, 82, 6, True, 8, 192), 128, "bf16")
+    assert keys == [geom, ("prune", "fine_L3", 32, "bf16")]
+    measured = {geom: {"_mhga_fwd_kernel": {"warm_us": 50.0, "flushed_us": 60.0},
+                       "_mhga_bwd_dq_kernel": {"warm_us": 70.0}, "_mhga_bwd_dkdv_kernel": {"warm_us": 90.0}}}
+    rows = cal.build_rows(recs, measured, {("prune", "fine_L3", 32, "bf16"): "not run: time budget of 5 s spent"})
+    assert rows[0]["measured_kernel"] == "_mhga_fwd_kernel" and rows[0]["measured_over_estimate"] == 1.25
+    assert rows[0]["measured_flushed_us"] == 60.0 and rows[0]["measured_over_floor_h100"] == 5.0
+    assert rows[1]["measured_kernel"] == "_mhga_bwd_dkdv_kernel" and rows[1]["measured_us"] == 90.0
+    assert rows[2]["measured_us"] is None and "the record's launch" in rows[2]["note"]
+    assert rows[3]["note"].startswith("not run: time budget")
+    # by role when a rewrite renames a kernel
+    assert cal.match_kernel("_mhga_bwd_dk_dv_split_kernel", measured[geom]) == "_mhga_bwd_dkdv_kernel"
+    md = cal.to_markdown(rows, {}, "test")
+    assert "| mhga | _mhga_fwd_kernel | fine | gtpt-s | 128 | bf16 | 40.0 | 10.0 | 50.0 | 60.0 | 1.25 | 5.00 |" in md
