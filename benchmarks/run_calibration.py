@@ -4,8 +4,8 @@ item 3). ``python benchmarks/run_calibration.py --out-dir DIR [--static-json FIL
 
 The static estimates come from ``static_cost.json`` written by ``benchmarks/static_cost.py`` (records with ``op``
 ("mhga" / "prune"), ``kernel``, ``shape``, ``variant``, ``batch``, ``dtype``, ``estimate_us``, ``floor_us_h100``,
-``ratio``, ...): taken from ``--static-json``, else ``.whl/static_cost.json`` (carried with the call), else made
-here by running ``benchmarks/static_cost.py --out DIR/static`` (compiled by this machine's Triton, i.e. the same
+``ratio``, ...): taken from ``--static-json``, else ``.whl/static_cost.json`` (carried with the call;
+``fetch_gpu_wheels.sh`` copies the newest committed report there), else made here by running ``benchmarks/static_cost.py --out DIR/static`` (compiled by this machine's Triton, i.e. the same
 compiler as the measured kernels) in at most half the budget. Without any of them the stage writes that it was
 skipped and exits 0.
 
@@ -191,7 +191,10 @@ def obtain_static(args, out_dir: str, budget_s: Optional[float]) -> Tuple[Option
         return args.static_json, "given with --static-json"
     carried = os.path.join(ROOT, ".whl", "static_cost.json")
     if os.path.exists(carried):
-        return carried, "carried in .whl/static_cost.json"
+        src = os.path.join(ROOT, ".whl", "static_cost.source")
+        origin = open(src).read().strip() if os.path.exists(src) else "?"
+        return carried, (f"carried in .whl/static_cost.json (from {origin}, compiled on the machine that ran "
+                         "fetch_gpu_wheels.sh, with its Triton)")
     script = os.path.join(HERE, "static_cost.py")
     if not os.path.exists(script):
         return None, "benchmarks/static_cost.py is not in this checkout and no static_cost.json was carried"
