@@ -514,6 +514,9 @@ def main(argv=None) -> int:
 
     t0 = float(os.environ.get("GPU_T0") or time.time())
     budget = _env_seconds("GPU_BUDGET_S", DEFAULT_BUDGET_S)
+    if budget > 540 and not args.plan:
+        print(f"warning: GPU_BUDGET_S={budget:.0f} leaves under a minute of the device tool's 600 s a command for "
+              "the transfers; the call may be cut before the last bundle comes back", flush=True)
     py = os.environ.get("GPU_PYTHON", sys.executable)
     if args.plan:
         stages = plan_from_file(args.plan)
