@@ -260,3 +260,34 @@ def test_calibration_joins_static_records_to_measured_kernels():
     assert cal.match_kernel("_mhga_bwd_dk_dv_split_kernel", measured[geom]) == "_mhga_bwd_dkdv_kernel"
     md = cal.to_markdown(rows, {}, "test")
     assert "| mhga | _mhga_fwd_kernel | fine | gtpt-s | 128 | bf16 | 40.0 | 10.0 | 50.0 | 60.0 | 1.25 | 5.00 |" in md
+
+
+def test_summary_reads_what_each_benchmark_measured_and_cut(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import gpu_session
+    finally:
+        sys.path.remove(BENCH)
+    (tmp_path / "group_attention.json").write_text(json.dumps({"results": [
+        dict(shape="teacher", B=128, dtype="bf16", mode="fwd", impl="fused", ms=0.1),
+        dict(shape="teacher", B=128, dtype="bf16", mode="fwd", impl="flex", error="not run: interrupted")]}))
+    (tmp_path / "profile.json").write_text(json.dumps({"latency": [
+        dict(backend="triton", mode="inference", path="pruned", batch_size=32, dtype="bf16", status="ok"),
+        dict(backend="compile-reduce-overhead", mode="inference", path="pruned", batch_size=128, dtype="bf16",
+             status="skipped", note="time budget of 60 s spent")]}))
+    d = gpu_session.details("bench", str(tmp_path))
+    assert d["group_attention.json"]["ran"] == 1 and d["group_attention.json"]["not_run_cases"] == [
+        "teacher B=128 bf16 fwd flex: not run: interrupted"]
+    assert d["profile.json"]["not_run_cases"] == [
+        "compile-reduce-overhead inference pruned B=128 bf16: skipped: time budget of 60 s spent"]
+    (tmp_path / "junit.xml").write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                                        '<testcase classname="t" name="a"><failure/></testcase></testsuite>'
+                                        '</testsuites>')
+    j = gpu_session.details("pytest", str(tmp_path))["tests"]
+    assert (j["passed"], j["failures"], j["skipped"], j["failed_tests"]) == (1, 1, 1, ["t::a"])
+    summary = {"label": "x", "started": "now", "budget_s": 100, "elapsed_s": 1.0, "stages_planned": ["attention"],
+               "stages": [{"stage": "attention", "status": "cut", "slot_s": 10, "started_s": 1, "ended_s": 11,
+                           "deadline_s": 6, "cmds": [{"cmd": "mhga", "status": "cut", "note": "SIGTERM at its deadline",
+                                                      "details": d}]}]}
+    md = gpu_session.summary_markdown(summary)
+    assert "mhga: 1 cases" in md and "teacher B=128 bf16 fwd flex: not run: interrupted" in md
