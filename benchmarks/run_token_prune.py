@@ -231,6 +231,18 @@ def time_us(fn: Callable[[], object], device: str, warmup: int = 10, rep: int = 
             "p80_us": times[int(0.8 * (len(times) - 1))]}
 
 
+def time_flushed_us(fn: Callable[[], object]) -> Optional[float]:
+    """Median microseconds per call with L2 flushed before every call (``triton.testing.do_bench``): the site's
+    inputs cold, as a microbenchmark usually sees them; :func:`time_us` keeps them warm, as in the model. CUDA only;
+    None if the timing fails."""
+    try:
+        import triton.testing
+        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    except Exception:
+        torch.cuda.synchronize()
+        return None
+
+
 def time_graph_us(fn: Callable[[], object], calls: int = 20, rep: int = 50) -> Optional[float]:
     """Median microseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls: the
     device time without the host's per-call launch overhead (Python, dispatcher, Triton launcher), which
@@ -346,6 +358,7 @@ def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, co
                 row[impl] = time_us(fn, device, warmup, rep) if device == "cuda" else time_us(fn, device, 1, 3)
                 row[impl]["launches"] = count_launches(fn, device)
                 row[impl]["graph_us"] = time_graph_us(fn) if device == "cuda" else None
+                row[impl]["flushed_us"] = time_flushed_us(fn) if device == "cuda" else None
             for base in ("eager", "compiled"):
                 if base in row and "fused" in row:
                     row[f"speedup_vs_{base}"] = row[base]["median_us"] / row["fused"]["median_us"]
@@ -360,11 +373,13 @@ def run(sites: List[str], batches: List[int], dtypes: List[str], device: str, co
     return list(rows.values())  # in the order the sites / batches / dtypes were given
 
 
-HEADER = ("Per call: one call timed alone (host launch overhead included). Graph: per call inside a CUDA graph of "
-          "back-to-back calls (device time).\n\n"
+HEADER = ("Per call: one call timed alone (host launch overhead included; inputs L2-warm, as in the model). Graph: "
+          "per call inside a CUDA graph of back-to-back calls (device time). Flushed: L2 flushed before every call "
+          "(do_bench; inputs cold).\n\n"
           "| site | B | dtype | fused us | eager us | compiled us | x eager | x compiled | fused graph us | "
           "eager graph us | compiled graph us | x eager (graph) | x compiled (graph) | launches f/e/c | index agree |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " fused flushed us | eager flushed us |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(row: dict, impl: str, key: str, spec: str = ".1f") -> str:
@@ -380,7 +395,7 @@ def format_row(row: dict) -> str:
             f"{sv('speedup_vs_eager')} | {sv('speedup_vs_compiled')} | {_fmt(row, 'fused', 'graph_us')} | "
             f"{_fmt(row, 'eager', 'graph_us')} | {_fmt(row, 'compiled', 'graph_us')} | "
             f"{sv('graph_speedup_vs_eager')} | {sv('graph_speedup_vs_compiled')} | {launches} | "
-            f"{sv('index_agreement', '.3f')} |"
+            f"{sv('index_agreement', '.3f')} | {_fmt(row, 'fused', 'flushed_us')} | {_fmt(row, 'eager', 'flushed_us')} |"
             + (f" {row['error']}" if "error" in row else ""))
 
 
@@ -431,9 +446,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new case after this many seconds (the rest are reported as not run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run to check the pipeline (no timings)")
+    ap.add_argument("--list-cases", action="store_true",
+                    help="print the cases in the order they would run and exit (1 if there are none); no GPU needed")
     args = ap.parse_args(argv)
 
     compile_mode = None if args.compile_mode == "none" else args.compile_mode
+    if args.list_cases:
+        plan = case_plan(args.sites, args.batch, args.dtype, compile_mode is not None)
+        for name, B, dt, impls in plan:
+            print(f"{name} B={B} {dt}: {' '.join(impls)}")
+        return 0 if plan else 1
     if args.cpu_smoke:
         device, batches, dtypes, compile_mode = "cpu", [1], ["fp32"], None
         sites = ["fine_L3"]
