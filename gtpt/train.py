@@ -1083,7 +1083,7 @@ def build_arg_parser(prog: str = "python -m gtpt.train") -> argparse.ArgumentPar
     return parser
 
 
-def _checkpoint_variant(path: str, flag: str) -> Optional[str]:
+def _checkpoint_variant(path: str) -> Optional[str]:
     """The variant a checkpoint was trained as: ours record it, official ones are told from tensor shapes."""
     from .checkpoint import _guess_variant
     state = read_checkpoint(path)
@@ -1115,18 +1115,34 @@ def _resolve_cli(args: Dict[str, Any], prog: str) -> Tuple[Dict[str, Any], List[
             raise TrainUsageError("give --val-ann-file and --val-image-root together")
         if args["val_detections_file"] is not None and args["val_ann_file"] is None:
             raise TrainUsageError("--val-detections-file needs --val-ann-file and --val-image-root")
+    if args["variant"] is not None:
+        args["variant"] = get_config(args["variant"]).name  # raises on an unknown name
+    run_variant = None
+    if os.path.exists(last):  # the run folder's state decides before any data is generated or read
+        if not args["resume"]:
+            raise TrainUsageError(f"{last} exists and --no-resume was given: leave out --no-resume to continue that "
+                                  f"run, or move the file away (or choose another --output-dir) to start from "
+                                  f"scratch")
+        try:
+            run_variant = _checkpoint_variant(last)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch in "
+                                  f"this folder, or choose another --output-dir") from None
+        if args["variant"] is not None and run_variant is not None and run_variant != args["variant"]:
+            raise CheckpointError(f"cannot resume: {last} is a {run_variant} run, not {args['variant']}; use "
+                                  f"--variant {run_variant} (or leave --variant out) to continue it, or choose "
+                                  f"another --output-dir")
     if args["variant"] is None:
         source = None
-        if os.path.exists(last) and args["resume"]:
-            try:
-                args["variant"], source = _checkpoint_variant(last, "--output-dir"), last
-            except CheckpointError as e:
-                raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch in "
-                                      f"this folder, or choose another --output-dir") from None
+        if run_variant is not None:
+            args["variant"], source = run_variant, last
         elif args["init_from"] is not None:
             if not os.path.isfile(args["init_from"]):
                 raise TrainUsageError(f"--init-from {args['init_from']}: not found")
-            args["variant"], source = _checkpoint_variant(args["init_from"], "--init-from"), args["init_from"]
+            try:
+                args["variant"], source = _checkpoint_variant(args["init_from"]), args["init_from"]
+            except CheckpointError as e:
+                raise CheckpointError(f"--init-from: {e}") from None
             if args["variant"] is None:
                 raise TrainUsageError(f"cannot tell the variant of --init-from {args['init_from']}; give --variant")
         if args["variant"] is None:
