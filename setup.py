@@ -16,6 +16,7 @@ setup(
         "pycocotools",
         "matplotlib",
         "pillow",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},

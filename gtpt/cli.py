@@ -1,4 +1,4 @@
-"""The ``gtpt`` command line: ``summary``, ``flops``, ``profile``, ``env``, ``train``, ``eval``, ``infer``.
+"""The ``gtpt`` command line: ``summary``, ``flops``, ``profile``, ``env``, ``train``, ``synth``, ``eval``, ``infer``.
 
 ``gtpt profile`` is the one-command report: parameters and FLOPs next to the paper's numbers, the FLOP saving of
 the pruned path, and latency by backend (pruned and unpruned path in the same run), written to ``reports/`` as
@@ -361,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for help; `gtpt train ...` hands its arguments to gtpt.train's own parser (see main).
     sub.add_parser("train", add_help=False, help="train a variant (two passes, EMA, AMP, DDP under torchrun; "
                                                  "'gtpt train --help' for options)")
+
+    from .synth import add_synth_arguments, run_synth_cli
+    add_synth_arguments(sub.add_parser(
+        "synth", help="generate a synthetic COCO-format pose dataset (drawn figures, known keypoints)",
+        description="Write a seeded synthetic dataset in COCO format: JPEG images of articulated figures, "
+                    "person_keypoints (17) or COCO-WholeBody (133) annotations for a train and a val split, and "
+                    "person detection files. 'gtpt train' without data options trains on one of these.")
+    ).set_defaults(func=run_synth_cli)
 
     from .evaluate import add_eval_arguments, run_eval_cli
     add_eval_arguments(sub.add_parser("eval", help="COCO / COCO-WholeBody keypoint AP of a checkpoint (pycocotools)")

@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,11 +54,41 @@ from .loss import GlobalPerceivedLoss
 from .model import build_model
 
 __all__ = ["TrainConfig", "ModelEMA", "CocoValidator", "official_state_dict", "init_from_checkpoint", "make_optimizer",
-           "make_scheduler", "advance_scheduler", "train", "main", "CHECKPOINT_FORMAT"]
+           "make_scheduler", "advance_scheduler", "train", "main", "CHECKPOINT_FORMAT", "TrainError", "TrainUsageError",
+           "default_workers", "AUGMENTATIONS", "SYNTH_DEFAULTS"]
 
 CHECKPOINT_FORMAT = "gtpt-train-v1"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ValFn = Callable[[nn.Module, int], Mapping[str, float]]
+# Training augmentation strength (TopDownDataset options); "official" is the official yaml's.
+AUGMENTATIONS: Dict[str, Dict[str, float]] = {
+    "official": {"scale_factor": 0.35, "rotation_factor": 45.0, "half_body_prob": 0.3},
+    "light": {"scale_factor": 0.2, "rotation_factor": 15.0, "half_body_prob": 0.0},
+    "none": {"scale_factor": 0.0, "rotation_factor": 0.0, "half_body_prob": 0.0},
+}
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on (bad data file, unreadable or foreign ``last.pth``, ...). The message is one
+    line naming the command-line flag or file and what to do; ``gtpt train`` prints it and exits with
+    ``exit_code``."""
+    exit_code = 1
+
+
+class TrainUsageError(TrainError):
+    """A bad or missing argument (exit code 2, as argparse's errors)."""
+    exit_code = 2
+
+
+def default_workers() -> int:
+    """DataLoader workers when none are asked for: what the machine has, minus one core for the training process,
+    at most 4 (the official setting); 0 (load in the main process) on one core. torch warns when more workers
+    than usable cores are started."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +111,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     ema_momentum: float = 0.996
     amp: str = "none"                        # "none" | "bf16" | "fp16" (fp16 adds a GradScaler)
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=default_workers)  # min(4, usable cores - 1)
     seed: int = 42
     backend: str = "auto"
     val_every: int = 5
@@ -91,6 +121,8 @@ class TrainConfig:
     resume: bool = True                      # continue from output_dir/last.pth when it exists
     grad_clip: Optional[float] = None        # max grad norm; the official recipe has none
     best_metric: str = "AP"                  # val_fn key that selects best.pth (higher is better)
+    flip: bool = True                        # flip augmentation in training and flip test in validation
+    augment: str = "official"                # training augmentation strength: a key of AUGMENTATIONS
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -129,6 +161,8 @@ class TrainConfig:
              f"grad_clip must be None or a number > 0, got {self.grad_clip!r}")
         need(isinstance(self.resume, bool), f"resume must be a bool, got {self.resume!r}")
         need(isinstance(self.best_metric, str) and self.best_metric != "", "best_metric must be a non-empty string")
+        need(isinstance(self.flip, bool), f"flip must be a bool, got {self.flip!r}")
+        need(self.augment in AUGMENTATIONS, f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         need((self.train_ann_file is None) == (self.train_image_root is None),
              "give train_ann_file and train_image_root together")
         need((self.val_ann_file is None) == (self.val_image_root is None),
@@ -425,10 +459,16 @@ class _EpochSampler(Sampler[int]):
 
 def _default_train_dataset(cfg: TrainConfig) -> Dataset:
     if cfg.train_ann_file is None:
-        raise ValueError("no train_dataset given and TrainConfig.train_ann_file / train_image_root are not set")
-    from .data import TopDownDataset  # imported here: the data pipeline is only needed without a given dataset
-    return TopDownDataset(cfg.train_ann_file, cfg.train_image_root, num_keypoints=get_config(cfg.variant).num_keypoints,
-                          train=True, seed=cfg.seed)
+        raise TrainUsageError("no training data: give --train-ann-file and --train-image-root (a COCO keypoint "
+                              "annotation file and its image folder), or run 'gtpt train' without data options to "
+                              "train on the generated synthetic dataset")
+    from .data import AnnotationError, TopDownDataset  # the data pipeline is only needed without a given dataset
+    try:
+        return TopDownDataset(cfg.train_ann_file, cfg.train_image_root,
+                              num_keypoints=get_config(cfg.variant).num_keypoints, train=True, seed=cfg.seed,
+                              flip=cfg.flip, **AUGMENTATIONS[cfg.augment])
+    except AnnotationError as e:
+        raise TrainError(f"--train-ann-file: {e}") from None
 
 
 class CocoValidator:
@@ -444,14 +484,26 @@ class CocoValidator:
         self.cfg = cfg
         self.dataset: Optional[Dataset] = None
 
-    def __call__(self, model: nn.Module, epoch: int) -> Dict[str, float]:
-        from .data import TopDownDataset
-        from .evaluate import evaluate
+    def prepare(self) -> None:
+        """Load and check the validation annotations (and detections) now, so a bad file stops the run before any
+        training instead of after the first epochs."""
+        from .data import AnnotationError, TopDownDataset
         cfg = self.cfg
         if self.dataset is None:
-            self.dataset = TopDownDataset(cfg.val_ann_file, cfg.val_image_root, get_config(cfg.variant).num_keypoints,
-                                          train=False, detections=cfg.val_detections_file)
-        metrics = evaluate(model, self.dataset, batch_size=cfg.batch_size, flip_test=True, num_workers=cfg.workers,
+            try:
+                self.dataset = TopDownDataset(cfg.val_ann_file, cfg.val_image_root,
+                                              get_config(cfg.variant).num_keypoints, train=False,
+                                              detections=cfg.val_detections_file)
+            except AnnotationError as e:
+                flag = "--val-detections-file" if cfg.val_detections_file and cfg.val_detections_file in str(e) \
+                    else "--val-ann-file"
+                raise TrainError(f"{flag}: {e}") from None
+
+    def __call__(self, model: nn.Module, epoch: int) -> Dict[str, float]:
+        from .evaluate import evaluate
+        cfg = self.cfg
+        self.prepare()
+        metrics = evaluate(model, self.dataset, batch_size=cfg.batch_size, flip_test=cfg.flip, num_workers=cfg.workers,
                            amp_dtype=AMP_DTYPES[cfg.amp])
         if not get_config(cfg.variant).wholebody:
             return dict(metrics)
@@ -463,12 +515,88 @@ class CocoValidator:
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
+_UNREAD = object()
+_PATH_FLAGS = (("train_ann_file", "--train-ann-file", "file"), ("train_image_root", "--train-image-root", "dir"),
+               ("val_ann_file", "--val-ann-file", "file"), ("val_image_root", "--val-image-root", "dir"),
+               ("val_detections_file", "--val-detections-file", "file"), ("init_from", "--init-from", "file"))
+
+
+def check_output_dir(path: str) -> None:
+    """The output folder exists as a writable folder or can be created: not a file, not under a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainUsageError(f"--output-dir {path} is a file, not a folder; choose another --output-dir")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainUsageError(f"--output-dir {path} cannot be created: {parent} is a file; choose another "
+                              f"--output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainUsageError(f"--output-dir {path}: {parent} is not writable; choose another --output-dir")
+
+
+def check_paths(cfg: TrainConfig, need_train_data: bool = True) -> None:
+    """Every input path of ``cfg`` exists (files as files, folders as folders) and the output folder is usable;
+    a :class:`TrainUsageError` naming the flag otherwise."""
+    if need_train_data and cfg.train_ann_file is None:
+        _default_train_dataset(cfg)  # raises the "no training data" error
+    for field, flag, kind in _PATH_FLAGS:
+        if field.startswith("train_") and not need_train_data:
+            continue
+        path = getattr(cfg, field)
+        if path is None:
+            continue
+        if kind == "file" and not os.path.isfile(path):
+            what = "a folder, not a file" if os.path.isdir(path) else "not found"
+            raise TrainUsageError(f"{flag} {path}: {what}")
+        if kind == "dir" and not os.path.isdir(path):
+            what = "a file, not a folder" if os.path.exists(path) else "not found"
+            raise TrainUsageError(f"{flag} {path}: image folder {what}")
+    check_output_dir(cfg.output_dir)
+
+
+def read_resume_state(cfg: TrainConfig, world_size: int = 1) -> Optional[Mapping[str, Any]]:
+    """``cfg.output_dir/last.pth`` checked for resuming (None when absent): readable, ours, the same variant, and a
+    world size x batch that can continue a half-done epoch. Errors name the file and the flag to change."""
+    last_path = os.path.join(cfg.output_dir, "last.pth")
+    if not os.path.exists(last_path):
+        return None
+    if not cfg.resume:
+        raise TrainUsageError(f"{last_path} exists and --no-resume was given: leave out --no-resume to continue that "
+                              f"run, or move the file away (or choose another --output-dir) to start from scratch")
+    try:
+        state = read_checkpoint(last_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch in this "
+                              f"folder, or choose another --output-dir") from None
+    if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"cannot resume: {last_path} is not a gtpt training checkpoint "
+                              f"(format {state.get('format') if isinstance(state, Mapping) else None!r}); move it "
+                              f"away or choose another --output-dir")
+    if state["variant"] != cfg.variant:
+        raise CheckpointError(f"cannot resume: {last_path} is a {state['variant']} run, this config trains "
+                              f"{cfg.variant}; use --variant {state['variant']} (or leave --variant out) to continue "
+                              f"it, or choose another --output-dir")
+    if state["step_in_epoch"] > 0 and (state["world_size"], state["config"]["batch_size"]) != \
+            (world_size, cfg.batch_size):
+        raise CheckpointError(
+            f"cannot resume: {last_path} stopped inside epoch {state['epoch'] + 1} with world size "
+            f"{state['world_size']} x batch {state['config']['batch_size']}; the epoch's remaining samples are "
+            f"only defined for that layout (now {world_size} x {cfg.batch_size}): resume with "
+            f"--batch-size {state['config']['batch_size']} on {state['world_size']} process(es)")
+    return state
+
+
 class _Trainer:
     """One process's run: model, EMA, optimizer, scheduler, scaler, loader and counters; :meth:`run` trains."""
 
     def __init__(self, cfg: TrainConfig, ctx: _Dist, device: torch.device, dataset: Dataset,
-                 val_fn: Optional[ValFn]):
+                 val_fn: Optional[ValFn], resume_state: Any = _UNREAD, resume_command: Optional[str] = None):
         self.cfg, self.ctx, self.device, self.val_fn = cfg, ctx, device, val_fn
+        self._given_resume_state = resume_state
+        self.resume_command = resume_command
+        self.bar: Any = None
+        self._run_start_step, self._run_start_time = 0, time.perf_counter()
         self.is_main = ctx.rank == 0
         self.out_dir = cfg.output_dir
         self.last_path = os.path.join(self.out_dir, "last.pth")
@@ -519,28 +647,9 @@ class _Trainer:
 
     # -- resume -------------------------------------------------------------------------------------------------
     def _read_resume_state(self) -> Optional[Mapping[str, Any]]:
-        if not os.path.exists(self.last_path):
-            return None
-        if not self.cfg.resume:
-            raise FileExistsError(f"{self.last_path} exists and resume=False: move it away (or choose another "
-                                  f"output_dir) to start from scratch, or set resume=True to continue it")
-        try:
-            state = read_checkpoint(self.last_path)
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch") from None
-        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"cannot resume: {self.last_path} is not a gtpt training checkpoint "
-                                  f"(format {state.get('format') if isinstance(state, Mapping) else None!r})")
-        if state["variant"] != self.cfg.variant:
-            raise CheckpointError(f"cannot resume: {self.last_path} is a {state['variant']} run, this config trains "
-                                  f"{self.cfg.variant}")
-        if state["step_in_epoch"] > 0 and (state["world_size"], state["config"]["batch_size"]) != \
-                (self.ctx.world_size, self.cfg.batch_size):
-            raise CheckpointError(
-                f"cannot resume: {self.last_path} stopped inside epoch {state['epoch']} with world size "
-                f"{state['world_size']} x batch {state['config']['batch_size']}; the epoch's remaining samples are "
-                f"only defined for that layout (now {self.ctx.world_size} x {self.cfg.batch_size})")
-        return state
+        if self._given_resume_state is not _UNREAD:
+            return self._given_resume_state
+        return read_resume_state(self.cfg, self.ctx.world_size)
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         sd = state["state_dict"]
@@ -563,8 +672,18 @@ class _Trainer:
         self._log({"event": "resume", "checkpoint": self.last_path, "epoch": self.epoch,
                    "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                    "changed_config": {k: list(v) for k, v in changed.items()}},
-                  f"resumed {self.last_path}: epoch {self.epoch} step {self.step_in_epoch} (global {self.global_step})"
+                  f"resumed {self.last_path}: {self._position()}"
                   + (f"; config changed: {changed}" if changed else ""))
+
+    def _position(self) -> str:
+        """Where the run stands, 1-based as the step lines count: 'in epoch 2/12 after step 40/125 (global step
+        165)', or 'after epoch 3/12 (global step 375)' between epochs."""
+        if self.step_in_epoch:
+            where = (f"in epoch {self.epoch + 1}/{self.cfg.epochs} after step {self.step_in_epoch}/"
+                     f"{self.steps_per_epoch}")
+        else:
+            where = f"after epoch {self.epoch}/{self.cfg.epochs}"
+        return f"{where} (global step {self.global_step})"
 
     # -- checkpoints and logs -----------------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
@@ -584,7 +703,11 @@ class _Trainer:
         if not self.is_main:
             return
         if line is not None:
-            print(f"[{self.cfg.variant}] {line}", flush=True)
+            text = f"[{self.cfg.variant}] {line}"
+            if self.bar is not None:
+                self.bar.write(text)   # above the progress bar, which then redraws
+            else:
+                print(text, flush=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
@@ -606,9 +729,11 @@ class _Trainer:
             if is_best:
                 self.best = {"metric": key, "value": metrics[key], "epoch": epoch, "global_step": self.global_step}
                 save_checkpoint(official_state_dict(self.model, self.ema), self.best_path)
+            mid = (f" (stopped after step {self.step_in_epoch}/{self.steps_per_epoch})"
+                   if epoch == self.epoch and 0 < self.step_in_epoch < self.steps_per_epoch else "")
             self._log({"event": "val", **entry, "best": is_best},
-                      f"val epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                      + (" (best)" if is_best else ""))
+                      f"val epoch {epoch + 1}/{self.cfg.epochs}{mid}, EMA weights: "
+                      + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best)" if is_best else ""))
         if self.ctx.world_size > 1:
             dist.barrier()
 
@@ -645,6 +770,8 @@ class _Trainer:
                 self.step_in_epoch += 1
             step_vals = torch.stack([loss.detach(), parts["unpruned"], parts["pruned"], parts["g2l"]])
             sums = step_vals if sums is None else sums + step_vals
+            if self.bar is not None:
+                self.bar.update(1)
             window["steps"] += 1
             window["images"] += images.size(0) * self.ctx.world_size
             self.last_loss = step_vals
@@ -678,25 +805,71 @@ class _Trainer:
         rec = {"event": "train", "epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
                "loss": mean[0], "unpruned": mean[1], "pruned": mean[2], "g2l": mean[3], "lr": lr,
                "ema_momentum": momentum, "images_per_s": rate}
+        n = window["steps"]
+        if self.bar is not None:  # the bar shows progress and ETA; the line only goes to log.jsonl
+            self.bar.set_postfix_str(f"mean loss {mean[0]:.5f} ({n} steps) lr {lr:.1e}")
+            self._log(rec)
+            return
         self._log(rec, f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step_in_epoch}/{self.steps_per_epoch} "
-                       f"(global {self.global_step}) loss {mean[0]:.6f} (unpruned {mean[1]:.6f} pruned {mean[2]:.6f} "
-                       f"g2l {mean[3]:.6f}) lr {lr:.2e} ema_m {momentum:.6f} {rate:.1f} img/s")
+                       f"(global {self.global_step}): mean loss of the last {n} step{'s' * (n > 1)} {mean[0]:.6f} "
+                       f"(unpruned {mean[1]:.6f} pruned {mean[2]:.6f} g2l {mean[3]:.6f}) lr {lr:.2e} "
+                       f"ema_m {momentum:.6f} {rate:.1f} img/s{self._eta()}")
+
+    def _steps_planned(self) -> int:
+        """Global step at which this run ends: epochs x steps, or --max-steps when that comes first."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps is not None else total
+
+    def _eta(self) -> str:
+        done = self.global_step - self._run_start_step
+        left = self._steps_planned() - self.global_step
+        if done <= 0 or left <= 0:
+            return ""
+        per_step = (time.perf_counter() - self._run_start_time) / done
+        return f", ETA {_duration(per_step * left)}"
+
+    def _finished(self) -> Optional[str]:
+        """Why there is nothing left to train (a finished run started again), else None."""
+        cfg = self.cfg
+        if self.epoch >= cfg.epochs:
+            return (f"{self.out_dir} holds a finished run: {self.epoch}/{cfg.epochs} epochs (global step "
+                    f"{self.global_step}); nothing to train. To train longer give a larger --epochs; to start over "
+                    f"choose another --output-dir")
+        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            return (f"{self.out_dir} already stopped at --max-steps {cfg.max_steps} ({self._position()}); nothing "
+                    f"to train. Raise --max-steps or leave it out to continue")
+        return None
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         start_step = self.global_step
+        self._run_start_step, self._run_start_time = start_step, time.perf_counter()
+        finished = self._finished()
+        if finished is not None:
+            self._log({"event": "finished", "epoch": self.epoch, "global_step": self.global_step}, finished)
+            if self.is_main and not os.path.isfile(self.final_path):  # stopped between last.pth and model_final
+                save_checkpoint(official_state_dict(self.model, self.ema), self.final_path)
+            return self._summary(start_step)
+        total = cfg.epochs * self.steps_per_epoch
+        plan = (f"{self._steps_planned()} steps (--max-steps {cfg.max_steps} of {cfg.epochs} epochs x "
+                f"{self.steps_per_epoch} steps)" if self._steps_planned() < total else
+                f"{cfg.epochs} epochs x {self.steps_per_epoch} steps = {total} steps")
         if self.resumed_from is None:
             self._log({"event": "start", "config": cfg.to_dict(), "world_size": self.ctx.world_size,
                        "device": str(self.device), "steps_per_epoch": self.steps_per_epoch, "init": self.init_report},
-                      f"training {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x "
-                      f"{self.ctx.world_size} process(es) on {self.device}"
+                      f"training {plan}, batch {cfg.batch_size} x {self.ctx.world_size} process(es) on {self.device}"
                       + (f"; init from {cfg.init_from} ({self.init_report['source']}), new: {self.init_report['new']}"
                          if self.init_report else ""))
+        elif self.is_main:
+            self._log({"event": "plan"}, f"continuing: {self._steps_planned() - self.global_step} of {plan} left")
         validated_at = -1
+        self.bar = _progress_bar(self._steps_planned(), self.global_step, cfg.variant) if self.is_main else None
         try:
             while self.epoch < cfg.epochs:
                 if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
                     break
+                if self.bar is not None:
+                    self.bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
                 if not self._train_epoch():
                     self._save_last()
                     break
@@ -712,29 +885,68 @@ class _Trainer:
                 self._save_last()
         except KeyboardInterrupt:
             self._save_last()
+            again = (f"run again: {self.resume_command}" if self.resume_command else
+                     "run the same torchrun command again" if self.ctx.world_size > 1 else
+                     "call train() again with the same TrainConfig")
+            self._close_bar()
             self._log({"event": "interrupt", "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                        "global_step": self.global_step},
-                      f"interrupted: saved {self.last_path} at epoch {self.epoch} step {self.step_in_epoch} "
-                      f"(global {self.global_step}); run again with resume=True to continue")
+                      f"interrupted {self._position()}: saved {self.last_path}. To continue, {again}")
             raise
+        finally:
+            self._close_bar()
         if self.is_main:
             save_checkpoint(official_state_dict(self.model, self.ema), self.final_path)
-        final = self.last_loss.tolist() if self.last_loss is not None else None
-        summary = {"variant": cfg.variant, "steps": self.global_step, "steps_run": self.global_step - start_step,
-                   "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "world_size": self.ctx.world_size,
-                   "final_loss": final[0] if final else None,
-                   "final_loss_parts": dict(zip(GlobalPerceivedLoss.PARTS, final[1:])) if final else None,
-                   "last_checkpoint": self.last_path, "final_checkpoint": self.final_path,
-                   "best_checkpoint": self.best_path if self.best is not None else None, "best": self.best,
-                   "metrics": self.history, "resumed_from": self.resumed_from, "init": self.init_report,
-                   "model": self.model, "ema_model": self.ema.module}
+        summary = self._summary(start_step)
+        best = (f", best {self.best['metric']} {self.best['value']:.4f} (epoch {self.best['epoch'] + 1})"
+                if self.best else "")
         self._log({"event": "end", **{k: v for k, v in summary.items() if k not in ("metrics", "model", "ema_model")}},
-                  f"done: {self.global_step} steps, final loss {summary['final_loss']}, weights {self.final_path}")
+                  f"done: {self.global_step} steps ({summary['steps_run']} in this run, "
+                  f"{_duration(time.perf_counter() - self._run_start_time)}), loss of the last step "
+                  f"{summary['final_loss']:.6f}{best}; weights {self.final_path}")
         return summary
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _summary(self, start_step: int) -> Dict[str, Any]:
+        cfg = self.cfg
+        final = self.last_loss.tolist() if self.last_loss is not None else None
+        return {"variant": cfg.variant, "steps": self.global_step, "steps_run": self.global_step - start_step,
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "world_size": self.ctx.world_size,
+                "final_loss": final[0] if final else None,
+                "final_loss_parts": dict(zip(GlobalPerceivedLoss.PARTS, final[1:])) if final else None,
+                "last_checkpoint": self.last_path, "final_checkpoint": self.final_path,
+                "best_checkpoint": self.best_path if self.best is not None else None, "best": self.best,
+                "metrics": self.history, "resumed_from": self.resumed_from, "init": self.init_report,
+                "model": self.model, "ema_model": self.ema.module}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _progress_bar(total: int, initial: int, variant: str) -> Any:
+    """A tqdm bar over the run's global steps (ETA included) when stderr is a terminal; None otherwise (logs, CI,
+    pipes get the periodic step lines instead)."""
+    stream = sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()) or os.environ.get("GTPT_NO_PROGRESS"):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # declared in setup.py; a bare environment still trains, with log lines
+        return None
+    return tqdm(total=total, initial=initial, file=stream, unit="step", dynamic_ncols=True, leave=True,
+                desc=variant, smoothing=0.1)
 
 
 def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Optional[ValFn] = None,
-          device: Optional[Union[str, torch.device]] = None) -> Dict[str, Any]:
+          device: Optional[Union[str, torch.device]] = None, resume_command: Optional[str] = None) -> Dict[str, Any]:
     """Train ``cfg.variant``; returns a summary: steps, final loss and its parts, checkpoint paths, metrics, and the
     trained ``model`` (student, unwrapped) and ``ema_model``.
 
@@ -745,17 +957,27 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
     ``val_every`` epochs (after 0-based epochs 4, 9, ... as the official ``epoch % 5 == 4``) and at the end.
     Under ``torchrun`` (WORLD_SIZE > 1) it runs DDP, one process per device. SIGINT/SIGTERM save ``last.pth`` and
     re-raise KeyboardInterrupt; calling ``train`` again with the same config continues bit-for-bit (CPU) provided the
-    dataset's augmentation depends only on (epoch, index).
+    dataset's augmentation depends only on (epoch, index). ``resume_command`` is the command line the interrupt
+    message tells the user to run again (``gtpt train`` passes its own).
+
+    Checked before any training, each a one-line :class:`TrainError` / :class:`CheckpointError` naming the
+    command-line flag or file: the data files exist and load, the output folder can be created, and an existing
+    ``last.pth`` is readable, ours and of this variant.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    check_paths(cfg, need_train_data=train_dataset is None)
     if val_fn is None and cfg.val_ann_file is not None:
         val_fn = CocoValidator(cfg)
     ctx, device = _setup_distributed(device)
     try:
         with profiler.interrupt_on_stop_signals(), _record_stop_signals():
+            state = read_resume_state(cfg, ctx.world_size)
             dataset = train_dataset if train_dataset is not None else _default_train_dataset(cfg)
-            return _Trainer(cfg, ctx, device, dataset, val_fn).run()
+            if ctx.rank == 0 and hasattr(val_fn, "prepare"):
+                val_fn.prepare()
+            return _Trainer(cfg, ctx, device, dataset, val_fn, resume_state=state,
+                            resume_command=resume_command).run()
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -764,40 +986,253 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: python -m gtpt.train ... (or torchrun --nproc_per_node=N -m gtpt.train ...)
 
-_OPTIONAL_TYPES = {"max_steps": int, "grad_clip": float}
-_CHOICES = {"amp": tuple(AMP_DTYPES), "backend": BACKENDS}
+# `gtpt train` without data options trains on a generated dataset (gtpt.synth) with these defaults instead of the
+# official COCO schedule; every one of them can still be given on the command line. Chosen for a 2-core CPU: see
+# README "Training without COCO".
+SYNTH_IMAGES = 640
+SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "lr_milestones": (4,),
+                                  "ema_momentum": 0.9, "val_every": 1, "log_every": 20, "flip": False,
+                                  "augment": "light"}
+_DATA_FIELDS = ("train_ann_file", "train_image_root", "val_ann_file", "val_image_root", "val_detections_file")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
 
 
 def build_arg_parser(prog: str = "python -m gtpt.train") -> argparse.ArgumentParser:
-    """One flag per TrainConfig field (``--lr-milestones 200 260``, ``--no-resume``), plus ``--device``."""
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Train GTPT; launch with torchrun --nproc_per_node=N for DDP.")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(flag, required=True)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=f.default)
-        elif f.default is None:
-            parser.add_argument(flag, type=_OPTIONAL_TYPES.get(f.name, str), default=None)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=_CHOICES.get(f.name))
-    parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if present")
+    """One flag per TrainConfig field (``--lr-milestones 200 260``, ``--no-resume``), plus ``--device``. Options whose
+    default differs on the synthetic dataset default to None here and are filled in by :func:`main`."""
+    from .config import list_variants
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line, exit 2 (as the other gtpt commands)
+            self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    parser = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="Train GTPT (two passes with the global-perceived loss, EMA, AMP; DDP when launched "
+                                "with torchrun --nproc_per_node=N -m gtpt.train).\n\n"
+                                "Without data options it generates a synthetic dataset of drawn figures (gtpt synth) "
+                                "into the cache\n($GTPT_CACHE, else ~/.cache/gtpt) and trains and validates on it "
+                                "with defaults sized for a CPU;\nwith --train-ann-file/--train-image-root it trains "
+                                "on your COCO(-WholeBody) data with the official schedule.\nThe same command "
+                                "resumes an interrupted run from OUTPUT_DIR/last.pth.",
+                    epilog="example: gtpt train --variant gtpt-t --output-dir runs/synth   (synthetic data, ~15 min "
+                           "on a 2-core CPU)")
+
+    def syn(name: str) -> str:
+        official, synth = _DEFAULTS[name], SYNTH_DEFAULTS[name]
+        show = (lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v)
+        return f"default {show(official)}; {show(synth)} on the synthetic dataset"
+
+    g = parser.add_argument_group("model and output")
+    g.add_argument("--variant", default=None, help="model variant: " + ", ".join(list_variants()) + " (default: the "
+                   "variant of OUTPUT_DIR/last.pth or --init-from when there is one, else gtpt-t)")
+    g.add_argument("--output-dir", required=True, help="run folder: last.pth (resume), model_final.pth, best.pth, "
+                                                       "log.jsonl")
+    g.add_argument("--init-from", default=None, metavar="CKPT", help="start from this checkpoint's EMA weights "
+                   "(curriculum: a body run's model_final.pth for a -wholebody variant)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUTPUT_DIR/last.pth when it exists (default); --no-resume refuses to touch "
+                        "an existing run")
+    d = parser.add_argument_group("data (leave all out to train on the synthetic dataset)")
+    d.add_argument("--train-ann-file", default=None, metavar="JSON",
+                   help="COCO person_keypoints / COCO-WholeBody annotation file to train on")
+    d.add_argument("--train-image-root", default=None, metavar="DIR", help="folder holding its images")
+    d.add_argument("--val-ann-file", default=None, metavar="JSON",
+                   help="annotation file to validate on (COCO AP of the EMA model; none: no validation)")
+    d.add_argument("--val-image-root", default=None, metavar="DIR", help="folder holding its images")
+    d.add_argument("--val-detections-file", default=None, metavar="JSON",
+                   help="person detections (COCO results) for validation boxes (default: GT boxes)")
+    d.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip augmentation in training and flip test in validation (default on; off on the "
+                        "synthetic dataset, whose left and right limbs differ in colour)")
+    d.add_argument("--augment", choices=tuple(AUGMENTATIONS), default=None,
+                   help="augmentation strength: official (scale 0.35, rotation 45, half body 0.3), light "
+                        f"(0.2, 15, 0) or none ({syn('augment')})")
+    o = parser.add_argument_group("schedule")
+    o.add_argument("--epochs", type=_int_at_least(1), default=None, help=syn("epochs"))
+    o.add_argument("--batch-size", type=_int_at_least(1), default=None, help=f"per process ({syn('batch_size')})")
+    o.add_argument("--lr", type=_positive_float, default=None, help=f"Adam learning rate ({syn('lr')})")
+    o.add_argument("--lr-milestones", type=_int_at_least(1), nargs="+", default=None, metavar="EPOCH",
+                   help=f"epochs where the lr is multiplied by --lr-gamma ({syn('lr_milestones')})")
+    o.add_argument("--lr-gamma", type=_positive_float, default=_DEFAULTS["lr_gamma"],
+                   help=f"lr decay factor (default {_DEFAULTS['lr_gamma']})")
+    o.add_argument("--ema-momentum", type=float, default=None,
+                   help=f"starting EMA momentum, rising to 1 on a cosine ({syn('ema_momentum')})")
+    o.add_argument("--max-steps", type=_int_at_least(1), default=None,
+                   help="stop after this many optimizer steps in all (smoke runs; default: no limit)")
+    o.add_argument("--grad-clip", type=_positive_float, default=None,
+                   help="max gradient norm (default: none, as the official recipe)")
+    o.add_argument("--seed", type=_int_at_least(0), default=_DEFAULTS["seed"],
+                   help=f"seed of weights and data order (default {_DEFAULTS['seed']})")
+    o.add_argument("--val-every", type=_int_at_least(1), default=None,
+                   help=f"validate every N epochs and at the end ({syn('val_every')})")
+    o.add_argument("--best-metric", default=_DEFAULTS["best_metric"],
+                   help=f"validation metric that selects best.pth (default {_DEFAULTS['best_metric']})")
+    r = parser.add_argument_group("runtime")
+    r.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help=f"data loader processes (default on this machine: {default_workers()}, i.e. usable "
+                        f"cores - 1, at most 4)")
+    r.add_argument("--amp", choices=tuple(AMP_DTYPES), default=_DEFAULTS["amp"],
+                   help="autocast dtype (default none; fp16 adds a GradScaler)")
+    r.add_argument("--backend", choices=BACKENDS, default=_DEFAULTS["backend"],
+                   help="gtpt_kernels backend (default auto: Triton on CUDA, the PyTorch reference on CPU)")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda, cuda:LOCAL_RANK under "
+                                                  "torchrun, if present, else cpu)")
+    r.add_argument("--log-every", type=_int_at_least(1), default=None,
+                   help=f"a log line every N steps and at each epoch end ({syn('log_every')}); on a terminal a "
+                        f"progress bar with ETA shows instead")
     return parser
 
 
+def _checkpoint_variant(path: str) -> Optional[str]:
+    """The variant a checkpoint was trained as: ours record it, official ones are told from tensor shapes."""
+    from .checkpoint import _guess_variant
+    state = read_checkpoint(path)
+    if isinstance(state, Mapping) and isinstance(state.get("variant"), str):
+        return state["variant"]
+    try:
+        guess = _guess_variant(select_ema(unwrap_state_dict(state), use_ema=True))
+    except CheckpointError:
+        return None
+    return None if "?" in guess else guess
+
+
+def _resolve_cli(args: Dict[str, Any], prog: str) -> Tuple[Dict[str, Any], List[str]]:
+    """TrainConfig keyword arguments from the parsed flags: the variant (from a checkpoint when not given), the data
+    (the cached synthetic dataset when no data option is given) and the defaults that depend on the data. Checks
+    the output folder and an existing last.pth before generating anything. Returns (kwargs, notes to print)."""
+    notes: List[str] = []
+    check_output_dir(args["output_dir"])
+    last = os.path.join(args["output_dir"], "last.pth")
+    synthetic = all(args[k] is None for k in _DATA_FIELDS)
+    if not synthetic:
+        for need, flag, what in (("train_ann_file", "--train-ann-file", "COCO keypoint annotation JSON"),
+                                 ("train_image_root", "--train-image-root", "its image folder")):
+            if args[need] is None:
+                given = " ".join("--" + k.replace("_", "-") for k in _DATA_FIELDS if args[k] is not None)
+                raise TrainUsageError(f"{flag} ({what}) is required with {given}; or leave every data option out "
+                                      f"to train on the synthetic dataset")
+        if (args["val_ann_file"] is None) != (args["val_image_root"] is None):
+            raise TrainUsageError("give --val-ann-file and --val-image-root together")
+        if args["val_detections_file"] is not None and args["val_ann_file"] is None:
+            raise TrainUsageError("--val-detections-file needs --val-ann-file and --val-image-root")
+    if args["variant"] is not None:
+        args["variant"] = get_config(args["variant"]).name  # raises on an unknown name
+    run_variant = None
+    if os.path.exists(last):  # the run folder's state decides before any data is generated or read
+        if not args["resume"]:
+            raise TrainUsageError(f"{last} exists and --no-resume was given: leave out --no-resume to continue that "
+                                  f"run, or move the file away (or choose another --output-dir) to start from "
+                                  f"scratch")
+        try:
+            run_variant = _checkpoint_variant(last)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}. The file is kept; move it away to start from scratch in "
+                                  f"this folder, or choose another --output-dir") from None
+        if args["variant"] is not None and run_variant is not None and run_variant != args["variant"]:
+            raise CheckpointError(f"cannot resume: {last} is a {run_variant} run, not {args['variant']}; use "
+                                  f"--variant {run_variant} (or leave --variant out) to continue it, or choose "
+                                  f"another --output-dir")
+    if args["variant"] is None:
+        source = None
+        if run_variant is not None:
+            args["variant"], source = run_variant, last
+        elif args["init_from"] is not None:
+            if not os.path.isfile(args["init_from"]):
+                raise TrainUsageError(f"--init-from {args['init_from']}: not found")
+            try:
+                args["variant"], source = _checkpoint_variant(args["init_from"]), args["init_from"]
+            except CheckpointError as e:
+                raise CheckpointError(f"--init-from: {e}") from None
+            if args["variant"] is None:
+                raise TrainUsageError(f"cannot tell the variant of --init-from {args['init_from']}; give --variant")
+        if args["variant"] is None:
+            args["variant"] = "gtpt-t"
+            notes.append("variant gtpt-t (the default; choose with --variant)")
+        else:
+            notes.append(f"variant {args['variant']} (from {source})")
+    defaults = SYNTH_DEFAULTS if synthetic else _DEFAULTS
+    for k in SYNTH_DEFAULTS:
+        if args[k] is None:
+            args[k] = defaults[k]
+    if args["workers"] is None:
+        args["workers"] = default_workers()
+    if synthetic:
+        from .synth import SynthError, dataset_paths, ensure_cached
+        wholebody = get_config(args["variant"]).wholebody  # raises on an unknown variant (caught by main)
+        t0 = time.perf_counter()
+        try:
+            root, made = ensure_cached(SYNTH_IMAGES, wholebody=wholebody, seed=0,
+                                       progress=lambda m: print(f"{prog}: generating the synthetic dataset: {m}",
+                                                                file=sys.stderr, flush=True))
+        except SynthError as e:
+            raise TrainError(str(e)) from None
+        paths = dataset_paths(root, wholebody)
+        args.update({k: paths[k] for k in ("train_ann_file", "train_image_root", "val_ann_file", "val_image_root")})
+        how = f"generated in {time.perf_counter() - t0:.0f} s" if made else "found in the cache"
+        notes.append(f"no data options: training on the synthetic dataset {root} ({how}; {SYNTH_IMAGES} images of "
+                     f"drawn figures, {len(os.listdir(paths['val_image_root']))} of them held out for validation). "
+                     f"Its defaults: " + " ".join(f"--{k.replace('_', '-')} "
+                                                  f"{' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                                  for k, v in SYNTH_DEFAULTS.items()
+                                                  if not isinstance(v, bool)) + " --no-flip. "
+                     f"Give --train-ann-file and --train-image-root to train on your own data")
+    args["lr_milestones"] = tuple(args["lr_milestones"])
+    return args, notes
+
+
+def _flags_in(message: str) -> str:
+    """A TrainConfig message with its field names written as the command-line flags."""
+    import re
+    for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: -len(f.name)):
+        message = re.sub(rf"(?<![-\w]){f.name}(?!\w)", "--" + f.name.replace("_", "-"), message)
+    return message.replace("TrainConfig: ", "")
+
+
+def _resume_command(prog: str, argv: Sequence[str]) -> str:
+    import shlex
+    return " ".join([prog] + [shlex.quote(a) for a in argv if a != "--no-resume"])
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "python -m gtpt.train") -> int:
+    """The command line. Errors are one line on stderr naming the flag or file: exit 2 for bad arguments, 1 for data,
+    checkpoint and file-system problems, 130 after an interrupt (last.pth saved; the same command resumes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_arg_parser(prog)
     args = vars(parser.parse_args(argv))
     device = args.pop("device")
     try:
-        cfg = TrainConfig(**args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        train(cfg, device=device)
+        try:
+            kwargs, notes = _resolve_cli(args, prog)
+            cfg = TrainConfig(**kwargs)
+        except ValueError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise TrainUsageError(_flags_in(str(e))) from None
+        for note in notes:
+            print(f"[{cfg.variant}] {note}", flush=True)
+        train(cfg, device=device, resume_command=_resume_command(prog, argv))
     except KeyboardInterrupt:
         if _last_stop_signal == [signal.SIGTERM]:
             # SIGTERM asks the process to end. last.pth is saved: end as this process's own SIGTERM handler says
@@ -807,6 +1242,15 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m gtpt.train") -
             sys.stderr.flush()
             signal.raise_signal(signal.SIGTERM)
         return 130  # last.pth is saved; run the same command again to resume
+    except TrainError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except CheckpointError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{prog}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

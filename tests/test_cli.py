@@ -9,7 +9,7 @@ import torch
 
 from gtpt.cli import main
 
-SUBCOMMANDS = ("summary", "flops", "profile", "env", "train", "eval", "infer")
+SUBCOMMANDS = ("summary", "flops", "profile", "env", "train", "synth", "eval", "infer")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -23,8 +23,8 @@ from gtpt import CheckpointError, build_model, load_official_checkpoint
 from gtpt.checkpoint import select_ema
 from gtpt.loss import GlobalPerceivedLoss
 from gtpt.profiler import interrupt_on_stop_signals
-from gtpt.train import (ModelEMA, TrainConfig, _hold_stop_signals, advance_scheduler, init_from_checkpoint, main,
-                        make_optimizer, make_scheduler, official_state_dict)
+from gtpt.train import (ModelEMA, TrainConfig, TrainUsageError, _hold_stop_signals, advance_scheduler,
+                        init_from_checkpoint, main, make_optimizer, make_scheduler, official_state_dict)
 from gtpt.train import train as _train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -306,7 +306,7 @@ def test_resume_refuses_another_variant_and_unwanted_overwrite(baseline, tmp_pat
     shutil.copy(os.path.join(out, "last.pth"), tmp_path / "last.pth")
     with pytest.raises(CheckpointError, match="gtpt-t run.*gtpt-s"):
         train(TrainConfig("gtpt-s", str(tmp_path), workers=0, backend="reference"), SyntheticPoseDataset())
-    with pytest.raises(FileExistsError, match="resume=False"):
+    with pytest.raises(TrainUsageError, match="--no-resume"):
         train(small_config(tmp_path, resume=False), SyntheticPoseDataset())
 
 
