@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from gtpt_kernels.backend import _MODE_PROBES, forward_ad_active, resolve_backend
 
@@ -265,9 +266,8 @@ def _run_stage(stage: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
     return x
 
 
-def fast_patch_embed(features: nn.Module, images: Tensor) -> Tensor:
-    """``patch2emb_mlp(patchify(patch2emb_norm(stem(images))))`` ``(B, h*w, dim)``: BN folded, NHWC, no shuffles."""
-    plan = _plan(features)
+def _stem(features: nn.Module, plan: _StemPlan, images: Tensor) -> Tensor:
+    """The stem with BN folded: NHWC ``(B, H/4, W/4, C)``, channels in the plan's physical order."""
     stem = features.stem
     x = _run_branch(stem.conv1, images.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), plan)
     if hasattr(stem, "layer"):
@@ -278,8 +278,27 @@ def fast_patch_embed(features: nn.Module, images: Tensor) -> Tensor:
         x3 = _run_stage(stem.down_layer3, x2, plan)
         x2 = _run_stage(stem.up_layer1, torch.cat([x2, _run_branch(stem.upsample1, x3, plan)], -1), plan)
         x = _run_stage(stem.up_layer2, torch.cat([x1, _run_branch(stem.upsample2, x2, plan)], -1), plan)
+    return x
+
+
+def fast_patch_embed(features: nn.Module, images: Tensor) -> Tensor:
+    """``patch2emb_mlp(patchify(patch2emb_norm(stem(images))))`` -> ``(B, h*w, dim)``: BN folded, NHWC, no
+    channel shuffles (see :class:`_StemPlan`)."""
+    plan = _plan(features)
+    x = _stem(features, plan, images)
+    for hook in features.__dict__.get("_fast_stem_hooks", {}).values():
+        hook(x)
     b, h, w, c = x.shape
     ph, pw = features.cfg.patch_size
     # 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)'
     x = x.view(b, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // ph) * (w // pw), -1)
     return F.linear(x, *plan.patch)
+
+
+def register_stem_hook(features: nn.Module, hook) -> RemovableHandle:
+    """``hook(stem_output)`` after the stem inside every :func:`fast_patch_embed` of ``features`` (the stem
+    module's own forward hooks do not fire on the fast path, which never calls it); for stage timers."""
+    hooks = features.__dict__.setdefault("_fast_stem_hooks", {})
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
