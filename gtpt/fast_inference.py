@@ -24,6 +24,7 @@ Training mode never takes this path: ``model.train()`` runs the unfused modules 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -298,7 +299,7 @@ def fast_patch_embed(features: nn.Module, images: Tensor) -> Tensor:
 def register_stem_hook(features: nn.Module, hook) -> RemovableHandle:
     """``hook(stem_output)`` after the stem inside every :func:`fast_patch_embed` of ``features`` (the stem
     module's own forward hooks do not fire on the fast path, which never calls it); for stage timers."""
-    hooks = features.__dict__.setdefault("_fast_stem_hooks", {})
+    hooks = features.__dict__.setdefault("_fast_stem_hooks", OrderedDict())  # weak-referenceable
     handle = RemovableHandle(hooks)
     hooks[handle.id] = hook
     return handle
