@@ -148,7 +148,7 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
             path = os.path.join(workdir, f"{variant}-official.onnx")
             try:
                 with torch.no_grad():
-                    torch.onnx.export(OfficialModel(plain), (images[:1].clone(),), path, opset_version=17,
+                    torch.onnx.export(OfficialModel(plain).eval(), (images[:1].clone(),), path, opset_version=17,
                                       input_names=["images"], output_names=["simcc_x", "simcc_y"],
                                       dynamic_axes={"images": {0: "N"}, "simcc_x": {0: "N"}, "simcc_y": {0: "N"}},
                                       dynamo=False)
@@ -221,6 +221,10 @@ def compare_runtimes(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), batch_sizes
                                 say(f"skip {r}: {e}")
                                 continue
                             runners[r], refs[r] = fn, _outputs(out)
+                            # an exporter restores the mode of what it exported, which for a wrapper module can
+                            # be train(): keep every model in eval
+                            for m in (model, cache[f"{variant}/plain"]):
+                                m.eval()
                             say(f"{variant} B={B} threads={t}: {r} ready ({time.perf_counter() - t0:.1f} s)")
                         times: Dict[str, List[float]] = {r: [] for r in runners}
                         for _ in range(repeats):
