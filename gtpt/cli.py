@@ -199,6 +199,8 @@ def _cmd_profile(args) -> int:
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {args.out_dir!r} is not a writable directory ({e.strerror or e})") from None
+    if args.runtimes:
+        return _cmd_runtimes(args, variants, device, progress)
     if device == "cpu" and args.threads is None and progress is not None and hasattr(os, "getloadavg"):
         # Several processes each running one OpenMP thread per core spin against each other: CPU timings can get
         # 10x worse. Say so instead of silently reporting them.
@@ -265,6 +267,33 @@ def _cmd_profile(args) -> int:
     print()
     print(f"report: {', '.join(paths.values())}  "
           f"[{time.perf_counter() - t_start:.0f} s]")
+    return 0
+
+
+def _cmd_runtimes(args, variants: Sequence[str], device: str, progress) -> int:
+    """``gtpt profile --runtimes``: :func:`gtpt.runtimes.compare_runtimes` -> runtimes.md / runtimes.json."""
+    import json
+
+    from . import profiler, runtimes
+
+    names = list(runtimes.RUNTIMES) if "all" in args.runtimes else list(dict.fromkeys(args.runtimes))
+    for r in names:
+        if r not in runtimes.RUNTIMES:
+            raise ValueError(f"unknown runtime {r!r} in --runtimes; valid: {', '.join(runtimes.RUNTIMES)}, all")
+    if device != "cpu":
+        raise ValueError("--runtimes compares CPU runtimes: use --device cpu")
+    threads = [args.threads] if args.threads is not None else [1, 2]
+    result = runtimes.compare_runtimes(variants, args.batch_sizes, threads, names, repeats=args.repeats,
+                                       warmup=max(1, args.warmup), log=progress)
+    result["environment"] = profiler.environment_info("cpu")
+    result["command"] = "gtpt " + " ".join(args.argv)
+    md = runtimes.runtimes_markdown(result)
+    with open(os.path.join(args.out_dir, "runtimes.md"), "w") as f:
+        f.write("# GTPT CPU inference runtimes\n\n" + md + "\n")
+    with open(os.path.join(args.out_dir, "runtimes.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(md)
+    print(f"\nreport: {os.path.join(args.out_dir, 'runtimes.md')}, {os.path.join(args.out_dir, 'runtimes.json')}")
     return 0
 
 
@@ -353,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-flops", action="store_true", help="skip parameter and FLOP counting")
     pr.add_argument("--out-dir", default="reports", help="report directory (default: reports/)")
     pr.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    pr.add_argument("--runtimes", nargs="+", metavar="RUNTIME", default=None,
+                    help="instead of the profile: CPU inference runtimes timed side by side, interleaved, against "
+                         "the official forward (gtpt.runtimes: official eager eager-fused compile onnxruntime pt2 "
+                         "onnxruntime-official, or 'all'); uses --variants --batch-sizes --threads (default 1 2) "
+                         "--repeats --warmup; writes runtimes.md and runtimes.json to --out-dir")
     pr.set_defaults(func=_cmd_profile)
 
     e = sub.add_parser("env", help="versions, hardware and registered gtpt_kernels custom ops")

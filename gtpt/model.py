@@ -5,7 +5,9 @@ Reads top to bottom. It reproduces the official implementation (github.com/haona
 ``lib/models/pose_gtpt_{t,s,b}_{human,wholebody}.py``) as ``shared/reference/gtpt-reference.md`` describes it,
 quirks included, so that official checkpoints give official outputs; module and parameter names equal the
 official student copy (``features.*``, ``mlp_head_x/y.*``). Attention, softmax pooling and top-k gather go through
-:mod:`gtpt_kernels`, so the same model runs on the reference ops or on the fused Triton kernels.
+:mod:`gtpt_kernels`, so the same model runs on the reference ops or on the fused Triton kernels. In eval mode the
+stem (BatchNorm folded, channels-last) and, on CPU, the attention (SDPA) take the fast inference path of
+:mod:`gtpt.fast_inference` (``model.set_fast_inference(False)`` turns it off; training never uses it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from gtpt_kernels import group_attention, token_prune
 from gtpt_kernels.backend import BACKENDS
 from gtpt_kernels.reference import split_qkv
 
+from . import fast_inference
 from .config import GTPTConfig, get_config
 from .keypoints import WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
 
@@ -157,12 +160,16 @@ class Attention(nn.Module):
         self.heads, self.num_shared, self.pad_token = heads, num_shared, pad_token
         self.scale = dim ** -0.5  # GTPT scales by the model dim (scale_with_head=False), not the head dim
         self.backend: Optional[str] = None
+        self.fast_inference = True
         self.to_qkv = nn.Linear(dim, dim * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         qkv = self.to_qkv(x)
-        out = group_attention(qkv, self.heads, self.num_shared, self.scale, self.pad_token, backend=self.backend)
+        if fast_inference.use_sdpa(self, qkv):  # eval on CPU: the same attention through SDPA
+            out = fast_inference.sdpa_group_attention(qkv, self.heads, self.num_shared, self.scale, self.pad_token)
+        else:
+            out = group_attention(qkv, self.heads, self.num_shared, self.scale, self.pad_token, backend=self.backend)
         return self.to_out(out), qkv
 
 
@@ -391,16 +398,23 @@ class GTPTFeatures(nn.Module):
         self.patch2emb_norm = nn.BatchNorm2d(cfg.stem_channels, momentum=0.1)
         self.patch2emb_mlp = nn.Linear(cfg.patch_dim, d)
         self.transformer = Transformer(cfg)
+        self.fast_inference = True
 
     def embed(self, images: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Stem + patch embedding: ([human | 256 visual] tokens with PE added once, sparse tokens, dense tokens)."""
         cfg = self.cfg
         ph, pw = cfg.patch_size
-        x = self.patch2emb_norm(self.stem(images))
-        b, c, h, w = x.shape
-        # 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)': 4x3 patches, channels fastest
-        x = x.view(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw), ph * pw * c)
-        x = self.patch2emb_mlp(x) + self.pos_embedding
+        b = images.size(0)
+        if fast_inference.fast_inference_active(self):
+            x = fast_inference.fast_patch_embed(self, images)  # the same, BatchNorm folded, channels-last
+        else:
+            x = self.patch2emb_norm(self.stem(images))
+            _, c, h, w = x.shape
+            # 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)': 4x3 patches, channels fastest
+            x = x.view(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw),
+                                                                                         ph * pw * c)
+            x = self.patch2emb_mlp(x)
+        x = x + self.pos_embedding
         x = torch.cat([self.human_token.expand(b, -1, -1), x], dim=1)
         sparse = self.keypoint_token
         dense = None
@@ -464,6 +478,21 @@ class GTPT(nn.Module):
             if isinstance(m, (Attention, Transformer)):
                 m.backend = backend
         return self
+
+    def set_fast_inference(self, enabled: bool = True) -> "GTPT":
+        """Turn the fast eval path (:mod:`gtpt.fast_inference`: BatchNorm folded into the stem convolutions,
+        channels-last stem, SDPA attention on CPU) on (the default) or off. Train mode never uses it."""
+        for m in self.modules():
+            if isinstance(m, (Attention, GTPTFeatures)):
+                m.fast_inference = bool(enabled)
+        if not enabled:
+            fast_inference.clear_cache(self.features)
+        return self
+
+    def train(self, mode: bool = True) -> "GTPT":
+        if mode:
+            fast_inference.clear_cache(self.features)  # the folded stem weights are an eval-only cache
+        return super().train(mode)
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> None:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast_inference
 from .checkpoint import atomic_write
 from .config import get_config
 from .flops import FLOP_STAGES, PathRunner, stage_scopes
@@ -203,6 +204,8 @@ def _stage_markers(model: nn.Module, runner: nn.Module, timer: _Timer) -> Iterab
                 if pre:
                     handles.append(mod.register_forward_pre_hook(at(pre)))
                 handles.append(mod.register_forward_hook(at(post)))
+            # the fast eval path (gtpt.fast_inference) never calls the stem module: it marks its stem itself
+            handles.append(fast_inference.register_stem_hook(model.features, at("stem")))
             yield marks
         finally:
             for h in handles:
