@@ -21,11 +21,13 @@ def tiny_model():
 
 def test_profile_config_inference_cpu(tiny_model):
     r = profile_config("gtpt-t", "reference", batch_size=1, warmup=1, repeats=3, model=tiny_model)
-    assert r.status == "ok" and r.repeats == 3
+    assert r.status == "ok" and r.repeats in (3, 6, 9)  # more rounds only when the spread is wide
     assert 0 < r.p20_ms <= r.median_ms <= r.p80_ms
     assert r.images_per_s == pytest.approx(1e3 / r.median_ms)
     assert list(r.per_stage_ms) == list(FLOP_STAGES) and all(v >= 0 for v in r.per_stage_ms.values())
-    assert r.peak_memory_mb is None and "n/a" in r.note  # no fake CPU memory number
+    assert r.peak_memory_mb is None  # no fake CPU memory number
+    md = latency_markdown([r, r])
+    assert md.count("n/a on CPU") == 1 and "peak memory n/a" not in md  # said once, not in every row
 
 
 def test_profile_config_train_step_cpu(tiny_model):
@@ -84,14 +86,14 @@ def test_sweep_time_budget_and_paths():
 def test_sweep_interrupt_keeps_measured_configs(monkeypatch):
     # `timeout -s INT` on a GPU session: the config in flight and the rest are skipped, what ran is kept.
     import gtpt.profiler as prof
-    real, calls = prof.profile_config, []
+    real, calls = prof.profile_paths, []
 
     def interrupting(*a, **kw):
         calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(prof, "profile_config", interrupting)
+    monkeypatch.setattr(prof, "profile_paths", interrupting)
     results = profile(["gtpt-t"], backends=["reference"], batch_sizes=[1, 2, 3], paths=["pruned"], warmup=0,
                       repeats=1, per_stage=False, progress=None)
     assert [r.status for r in results] == ["ok", "skipped", "skipped"] and len(calls) == 2
