@@ -17,7 +17,7 @@ setup(
         "matplotlib",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"video": ["av"], "test": ["pytest", "pytest-benchmark", "av"]},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},
     license="MIT",
 )
