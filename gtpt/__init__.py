@@ -22,6 +22,12 @@ __all__ = ["GTPTConfig", "VARIANTS", "get_config", "list_variants", "GTPT", "Tra
 def __getattr__(name: str) -> Any:
     spec = _LAZY.get(name)
     if spec is None:
+        if not name.startswith("_"):
+            try:  # a submodule (gtpt.model, gtpt.checkpoint, ...), as the eager imports used to provide them
+                return import_module(f".{name}", __name__)
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{name}":
+                    raise
         raise AttributeError(f"module 'gtpt' has no attribute {name!r}")
     module, attr = spec if isinstance(spec, tuple) else (spec, name)
     value = getattr(import_module(module, __name__), attr)

@@ -209,8 +209,12 @@ def _cmd_profile(args) -> int:
         # Several processes each running one OpenMP thread per core spin against each other: CPU timings can get
         # 10x worse. Say so (here and in the report) instead of silently reporting them.
         load_note = (f"load average {load_start:.1f} on {cores} cores at the start: other processes shared the CPU, "
-                     f"so timings are noisier (paths are interleaved and noisy configs get more repeats)"
-                     + ("; consider --threads 1 for steadier timings" if args.threads is None else ""))
+                     f"so timings are noisier (paths are interleaved and noisy configs get more repeats)")
+        if args.threads is None:
+            # OpenMP threads of several processes spinning against each other were measured ~10x slower per op;
+            # one thread per process keeps a busy machine's timings usable.
+            torch.set_num_threads(1)
+            load_note += "; timed with 1 CPU thread (--threads N to choose)"
         if progress is not None:
             print(f"note: {load_note}", file=progress, flush=True)
 

@@ -186,6 +186,7 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 # (up to SPREAD_MAX_FACTOR x the asked repeats), and the result says so in its note.
 SPREAD_LIMIT = 1.25
 SPREAD_MAX_FACTOR = 3
+SPREAD_EXTRA_BUDGET_S = 30.0  # no extra rounds once a config's timed rounds have taken this long
 
 
 def spread(times: Sequence[float]) -> float:
@@ -214,18 +215,25 @@ def time_interleaved(steps: Dict[str, Callable[[], object]], timer: "_Timer", re
                 times[k].append(timer.elapsed_ms(a, b))
         timer.sync()
 
+    t0 = time.perf_counter()
     rounds(repeats)
     if not adaptive or repeats < 3:
         return times, ""
     first = max(spread(v) for v in times.values())
     if first <= SPREAD_LIMIT:
         return times, ""
+    capped = False
     while max(spread(v) for v in times.values()) > SPREAD_LIMIT and \
             len(next(iter(times.values()))) < SPREAD_MAX_FACTOR * repeats:
+        if time.perf_counter() - t0 > SPREAD_EXTRA_BUDGET_S:
+            capped = True
+            break
         rounds(repeats)
     last = max(spread(v) for v in times.values())
     n = len(next(iter(times.values())))
     note = f"spread p80/p20 {first:.2f} after {repeats} repeats: timed {n}"
+    if capped:
+        note += f" (time cap {SPREAD_EXTRA_BUDGET_S:.0f} s)"
     if last > SPREAD_LIMIT:
         note += f", still {last:.2f} (noisy machine: treat as rough)"
     return times, note
