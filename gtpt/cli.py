@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .cli_options import (AMP_NAMES, EVAL_DESCRIPTION, INFER_DESCRIPTION, PROFILE_BACKENDS, PROFILE_DTYPES,
+from .cli_options import (EVAL_DESCRIPTION, INFER_DESCRIPTION, PROFILE_BACKENDS, PROFILE_DTYPES,
                           PROFILE_MODES, add_eval_arguments, add_infer_arguments, nonneg_int, positive_int)
 from .config import get_config, list_variants
 from .errors import DEBUG_ENV, exit_code, one_line
@@ -229,11 +229,11 @@ def _cmd_profile(args) -> int:
                 md_parts += ["## Parameters and FLOPs (batch 1)", "", flops_markdown(rows), "", _FLOPS_NOTE]
                 print(flops_markdown(rows))
                 print()
-            # The sweep times each path separately; this interleaves them (pruned, unpruned, pruned, ...) so load
-            # from other processes hits both alike - the robust number for "the pruned model is faster". It runs
-            # before the sweep because eager CPU timings taken after a torch.compile config are not clean.
-            # The sweep itself times the reference paths interleaved; only without that pair in it is the
-            # comparison run on its own.
+            # The sweep times the two paths of each eager config interleaved (pruned, unpruned, pruned, ...), so
+            # load from other processes hits both alike - the robust number for "the pruned model is faster"; its
+            # reference pair at the smallest batch is the "interleaved" table. Only when the sweep has no such
+            # pair is the comparison run on its own, before the sweep (eager CPU timings taken after a
+            # torch.compile config are not clean).
             covered = ("reference" in args.backends and {"pruned", "unpruned"} <= set(args.paths))
             if "inference" in args.modes and not covered:
                 b = min(args.batch_sizes)

@@ -190,7 +190,7 @@ def test_profile_report_keeps_the_load_figure(tmp_path, monkeypatch, capsys):
 
 def test_readme_model_snippet_names_no_missing_file_and_says_where_weights_come_from():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    model = readme[readme.index("### Model"):readme.index("## Training, evaluation, inference")]
+    model = " ".join(readme[readme.index("### Model"):readme.index("## Training, evaluation, inference")].split())
     assert "gtpt_s_coco.pth" not in model
     assert "github.com/haonanwang0522/GTPT" in model and "Google Drive" in model
     assert "0.01" in model and "boxes only" in model
