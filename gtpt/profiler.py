@@ -618,8 +618,12 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
                   for p in gpaths]
         else:
             try:
-                rs = profile_paths(v, be, int(b), dt, m, gpaths, device, warmup, repeats, per_stage,
-                                   op_breakdown=op_breakdown)
+                if len(gpaths) == 1:  # one path (compiled configs, training, --paths X): on its own
+                    rs = [profile_config(v, be, int(b), dt, m, gpaths[0], device, warmup, repeats, per_stage,
+                                         op_breakdown=op_breakdown)]
+                else:
+                    rs = profile_paths(v, be, int(b), dt, m, gpaths, device, warmup, repeats, per_stage,
+                                       op_breakdown=op_breakdown)
             except KeyboardInterrupt:  # e.g. a timeout's signal: keep what was measured, report the rest as skipped
                 interrupted = True
                 rs = [LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",

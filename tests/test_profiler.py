@@ -86,14 +86,14 @@ def test_sweep_time_budget_and_paths():
 def test_sweep_interrupt_keeps_measured_configs(monkeypatch):
     # `timeout -s INT` on a GPU session: the config in flight and the rest are skipped, what ran is kept.
     import gtpt.profiler as prof
-    real, calls = prof.profile_paths, []
+    real, calls = prof.profile_config, []
 
     def interrupting(*a, **kw):
         calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(prof, "profile_paths", interrupting)
+    monkeypatch.setattr(prof, "profile_config", interrupting)
     results = profile(["gtpt-t"], backends=["reference"], batch_sizes=[1, 2, 3], paths=["pruned"], warmup=0,
                       repeats=1, per_stage=False, progress=None)
     assert [r.status for r in results] == ["ok", "skipped", "skipped"] and len(calls) == 2
