@@ -18,7 +18,7 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"video": ["av"], "test": ["pytest", "pytest-benchmark", "av"]},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},
     license="MIT",
 )

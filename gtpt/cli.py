@@ -15,7 +15,10 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from .cli_options import (EVAL_DESCRIPTION, INFER_DESCRIPTION, PROFILE_BACKENDS, PROFILE_DTYPES,
+                          PROFILE_MODES, add_eval_arguments, add_infer_arguments, nonneg_int, positive_int)
 from .config import get_config, list_variants
+from .errors import DEBUG_ENV, exit_code, one_line
 
 # Published numbers, shown next to what this package measures (never used as results):
 # the paper's table (GFLOPs = thop MACs, params in millions; the WholeBody rows give no params) and the exact
@@ -201,13 +204,21 @@ def _cmd_profile(args) -> int:
         raise ValueError(f"--out-dir {args.out_dir!r} is not a writable directory ({e.strerror or e})") from None
     if args.runtimes:
         return _cmd_runtimes(args, variants, device, progress)
-    if device == "cpu" and args.threads is None and progress is not None and hasattr(os, "getloadavg"):
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cores = os.cpu_count() or 1
+    load_note = ""
+    if device == "cpu" and load_start is not None and load_start > 0.5 * cores:
         # Several processes each running one OpenMP thread per core spin against each other: CPU timings can get
-        # 10x worse. Say so instead of silently reporting them.
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-        if load > 0.5 * cores:
-            print(f"note: load average {load:.1f} on {cores} cores; other processes share the CPU - consider "
-                  f"--threads 1 for steadier timings", file=progress, flush=True)
+        # 10x worse. Say so (here and in the report) instead of silently reporting them.
+        load_note = (f"load average {load_start:.1f} on {cores} cores at the start: other processes shared the CPU, "
+                     f"so timings are noisier (paths are interleaved and noisy configs get more repeats)")
+        if args.threads is None:
+            # OpenMP threads of several processes spinning against each other were measured ~10x slower per op;
+            # one thread per process keeps a busy machine's timings usable.
+            torch.set_num_threads(1)
+            load_note += "; timed with 1 CPU thread (--threads N to choose)"
+        if progress is not None:
+            print(f"note: {load_note}", file=progress, flush=True)
 
     rows, interleaved, results = [], [], []
     md_parts = ["# GTPT profile", ""]
@@ -220,10 +231,13 @@ def _cmd_profile(args) -> int:
                 md_parts += ["## Parameters and FLOPs (batch 1)", "", flops_markdown(rows), "", _FLOPS_NOTE]
                 print(flops_markdown(rows))
                 print()
-            # The sweep times each path separately; this interleaves them (pruned, unpruned, pruned, ...) so load
-            # from other processes hits both alike - the robust number for "the pruned model is faster". It runs
-            # before the sweep because eager CPU timings taken after a torch.compile config are not clean.
-            if "inference" in args.modes:
+            # The sweep times the two paths of each eager config interleaved (pruned, unpruned, pruned, ...), so
+            # load from other processes hits both alike - the robust number for "the pruned model is faster"; its
+            # reference pair at the smallest batch is the "interleaved" table. Only when the sweep has no such
+            # pair is the comparison run on its own, before the sweep (eager CPU timings taken after a
+            # torch.compile config are not clean).
+            covered = ("reference" in args.backends and {"pruned", "unpruned"} <= set(args.paths))
+            if "inference" in args.modes and not covered:
                 b = min(args.batch_sizes)
                 dtype = args.dtypes[0]
                 for v in variants:
@@ -240,18 +254,29 @@ def _cmd_profile(args) -> int:
         except KeyboardInterrupt:  # before the sweep started (it handles its own): report what there is
             print("interrupted before the latency sweep; writing the report with what was measured",
                   file=sys.stderr, flush=True)
+    if "inference" in args.modes and not interleaved:
+        for v in variants:
+            r = profiler.interleaved_from_results(results, v, min(args.batch_sizes), args.dtypes[0])
+            if r is not None:
+                interleaved.append(r)
     meta = profiler.environment_info(device)
     meta.update({"command": "gtpt " + " ".join(args.argv), "device": device,
-                 "wall_s": round(time.perf_counter() - t_start, 1)})
+                 "wall_s": round(time.perf_counter() - t_start, 1),
+                 "load_average_start": load_start,
+                 "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                 "load_note": load_note or None})
+    if load_note:
+        md_parts[2:2] = [f"Note: {load_note}.", ""]
     extra_md = ""
     if interleaved:
         extra_md = ("\n\n## Pruned vs unpruned, interleaved runs (reference eager)\n\n"
-                    "| variant | batch | dtype | pruned ms (median) | unpruned ms (median) | speedup (median) "
-                    "| speedup (min) |\n|---|---:|---|---:|---:|---:|---:|\n" +
-                    "\n".join(f"| {r['variant']} | {r['batch_size']} | {r['dtype']} | "
+                    "| variant | batch | dtype | rounds | pruned ms (median) | unpruned ms (median) | speedup (median) "
+                    "| per-round p20-p80 | speedup (min) | note |\n|---|---:|---|---:|---:|---:|---:|---|---:|---|\n" +
+                    "\n".join(f"| {r['variant']} | {r['batch_size']} | {r['dtype']} | {len(r['times_ms']['pruned'])} | "
                               f"{statistics.median(r['times_ms']['pruned']):.2f} | "
                               f"{statistics.median(r['times_ms']['unpruned']):.2f} | {r['speedup_median']:.2f}x | "
-                              f"{r['speedup_min']:.2f}x |" for r in interleaved))
+                              f"{r['speedup_p20']:.2f}-{r['speedup_p80']:.2f}x | "
+                              f"{r['speedup_min']:.2f}x | {r.get('note') or ''} |" for r in interleaved))
     paths = profiler.write_report(args.out_dir, results, rows, meta, markdown_prefix="\n".join(md_parts),
                                   extra={"pruning_speedup_interleaved": interleaved}, markdown_suffix=extra_md)
     print(profiler.latency_markdown(results))
@@ -261,9 +286,12 @@ def _cmd_profile(args) -> int:
     if speedups:
         print()
         for s in speedups:
+            how = "interleaved" if s.get("interleaved") else "separate runs"
             print(f"speedup of the pruned over the unpruned path: {s['speedup']:.2f}x  ({s['variant']} "
                   f"{s['backend']} B={s['batch_size']} {s['dtype']}: {s['pruned_ms']:.1f} vs "
-                  f"{s['unpruned_ms']:.1f} ms median)")
+                  f"{s['unpruned_ms']:.1f} ms median, {how}" + (f"; {s['note']}" if s.get("note") else "") + ")")
+        if load_note:
+            print(f"note: {load_note}")
     print()
     print(f"report: {', '.join(paths.values())}  "
           f"[{time.perf_counter() - t_start:.0f} s]")
@@ -310,31 +338,26 @@ def _cmd_env(args) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+_positive_int, _nonneg_int = positive_int, nonneg_int
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
+def _run_eval(args):
+    from .evaluate import run_eval_cli
+    return run_eval_cli(args)
+
+
+def _run_infer(args):
+    from .inference import run_inference_cli
+    return run_inference_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .profiler import BACKENDS, DTYPES, MODES
+    # Torch-free (gtpt.cli_options): `gtpt --help` and `gtpt X --help` answer without importing torch.
+    BACKENDS, DTYPES, MODES = PROFILE_BACKENDS, PROFILE_DTYPES, PROFILE_MODES
 
     names = ", ".join(list_variants())
-    p = _Parser(prog="gtpt", description="GTPT pose estimation on fused Triton kernels")
+    p = _Parser(prog="gtpt", description="GTPT pose estimation on fused Triton kernels",
+                epilog="--debug (anywhere on the line) or GTPT_DEBUG=1: full tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", metavar="command")
 
     s = sub.add_parser("summary", help="parameters per stage and token schedule of GTPT variants")
@@ -404,23 +427,45 @@ def build_parser() -> argparse.ArgumentParser:
                     "person detection files. 'gtpt train' without data options trains on one of these.")
     ).set_defaults(func=run_synth_cli)
 
-    from .evaluate import add_eval_arguments, run_eval_cli
-    add_eval_arguments(sub.add_parser("eval", help="COCO / COCO-WholeBody keypoint AP of a checkpoint (pycocotools)")
-                       ).set_defaults(func=run_eval_cli)
 
-    from .inference import add_infer_arguments, run_inference_cli
-    add_infer_arguments(sub.add_parser("infer", help="estimate poses on images from person boxes; JSON + drawings")
-                        ).set_defaults(func=run_inference_cli)
+    add_eval_arguments(sub.add_parser("eval", help="COCO / COCO-WholeBody keypoint AP of a checkpoint (pycocotools)",
+                                      description=EVAL_DESCRIPTION)).set_defaults(func=_run_eval)
+
+    add_infer_arguments(sub.add_parser("infer", help="poses on images, folders and videos from person boxes; JSON + "
+                                                     "drawings", description=INFER_DESCRIPTION)
+                        ).set_defaults(func=_run_infer)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``gtpt``: every failure is one line on stderr (exit 2 for a bad argument, 1 otherwise; see
+    :mod:`gtpt.errors`); ``--debug`` anywhere on the line, or ``GTPT_DEBUG=1``, shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"gtpt {command}" if command in ("summary", "flops", "profile", "env", "train", "synth", "eval", "infer") else "gtpt"
+    try:
+        return _main(argv)
+    except SystemExit:
+        raise
+    except BaseException as e:  # one line, never a traceback (unless asked for)
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+
+
+def _main(argv: List[str]) -> int:
     if argv[:1] == ["train"]:
         from .train import main as train_main
         return train_main(argv[1:], prog="gtpt train")
     if argv[:1] == ["infer"]:
-        from .inference import join_negative_box_values
+        from .inputs import join_negative_box_values
         argv = join_negative_box_values(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -428,11 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     args.argv = argv
-    try:
-        return args.func(args)
-    except ValueError as e:  # bad variant names and the like: one clear line, no traceback
-        print(f"gtpt: error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -470,34 +470,7 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int = 32, flip_test: bo
 # ----------------------------------------------------------------------------------------------------------------
 # gtpt eval
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``gtpt eval`` options (pair with ``set_defaults(func=run_eval_cli)``)."""
-    from gtpt_kernels.backend import BACKENDS
-
-    from .config import list_variants
-    from .train import AMP_DTYPES
-    parser.add_argument("--variant", default="gtpt-s",
-                        help=f"model variant (default gtpt-s): {', '.join(list_variants())}")
-    parser.add_argument("--checkpoint", help="official GTPT .pth or one of `gtpt train`'s (EMA weights are used); "
-                                             "without it the weights are random and the AP is meaningless")
-    parser.add_argument("--weights", choices=("ema", "student"), default="ema",
-                        help="which copy of a checkpoint holding both to score (default ema, as the official test; "
-                             "student is useful early in a run, while the EMA still lags)")
-    parser.add_argument("--ann-file", required=True, help="COCO person_keypoints / COCO-WholeBody annotation JSON")
-    parser.add_argument("--image-root", required=True, help="folder holding the annotation's images")
-    parser.add_argument("--detections", help="person detection results JSON (the official test uses "
-                                             "COCO_val2017_detections_AP_H_56_person.json); default: GT boxes")
-    parser.add_argument("--det-score-thr", type=float, default=0.0, help="detection score threshold (default 0.0, "
-                                                                         "as the official test)")
-    parser.add_argument("--no-flip", action="store_true", help="no flip test")
-    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward (default 32)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
-    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
-    parser.add_argument("--results", help="write the COCO results JSON here")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    return parser
+from .cli_options import add_eval_arguments  # noqa: E402,F401 - re-exported (options live torch-free there)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
@@ -506,15 +479,21 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     from .data import AnnotationError, TopDownDataset
     from .model import build_model
     from .train import AMP_DTYPES
+    from .errors import debug_enabled, one_line
+    from .inference import _resolve_device
+    from .inputs import check_output_file, resolve_variant
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError("--batch-size must be >= 1 and --workers >= 0")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        model = build_model(args.variant, backend=args.backend)
+        if args.results:
+            check_output_file(args.results, "--results")  # before the evaluation, not after it
+        device = _resolve_device(args.device)
+        variant, state = resolve_variant(args.variant, args.checkpoint, use_ema=args.weights == "ema")
+        model = build_model(variant, backend=args.backend)
         if args.checkpoint:
-            load_official_checkpoint(model, args.checkpoint, use_ema=args.weights == "ema")
+            load_official_checkpoint(model, state)
         else:
-            print(f"gtpt eval: warning: no --checkpoint, {args.variant} has random weights; the AP is meaningless",
+            print(f"gtpt eval: warning: no --checkpoint, {variant} has random weights; the AP is meaningless",
                   file=sys.stderr)
         model.to(device).eval()
         dataset = TopDownDataset(args.ann_file, args.image_root, model.cfg.num_keypoints, train=False,
@@ -523,7 +502,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         metrics = evaluate(model, dataset, batch_size=args.batch_size, flip_test=not args.no_flip, device=device,
                            results_file=args.results, num_workers=args.workers, amp_dtype=amp)
     except (ValueError, FileNotFoundError, AnnotationError) as e:
-        print(f"gtpt eval: error: {e}", file=sys.stderr)
+        if debug_enabled():
+            raise
+        print(f"gtpt eval: error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -6,9 +6,7 @@ test conventions), so keypoints from :class:`PoseEstimator` equal what ``evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -24,6 +22,8 @@ from .config import list_variants
 from .evaluate import (IN_VIS_THRESHOLD, OKS_NMS_THRESHOLD, oks_nms_indices, predict_crops, rescore, to_image_coords,
                        write_results)
 from .model import GTPT, build_model
+from .cli_options import add_infer_arguments  # noqa: F401 - re-exported (the options live torch-free there)
+from .inputs import join_negative_box_values, outside_image  # noqa: F401 - join_negative_box_values re-exported
 from .transforms import (PIXEL_STD, box_to_center_scale, get_affine_transform, load_image, to_model_input,
                          warp_affine)
 
@@ -99,42 +99,111 @@ class PoseEstimator:
     def num_keypoints(self) -> int:
         return self.model.cfg.num_keypoints
 
-    def __call__(self, image: ImageInput, boxes: Any) -> np.ndarray:
-        """Keypoints ``(N, K, 3)`` = (x, y, confidence) in image pixels for ``boxes`` ``(N, 4)`` [x, y, w, h]."""
-        img = _as_rgb_image(image)
-        boxes = _as_boxes(boxes)
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], variant: Optional[str] = None, **kwargs
+                        ) -> "PoseEstimator":
+        """An estimator for ``checkpoint`` whose variant is read from the checkpoint itself (``variant``, if given,
+        must agree: a :class:`gtpt.checkpoint.CheckpointError` otherwise). ``kwargs`` as the constructor's."""
+        from .inputs import resolve_variant
+        name, state = resolve_variant(variant, checkpoint)
+        return cls(name, state, **kwargs)
+
+    def __call__(self, image: ImageInput, boxes: Any = None) -> np.ndarray:
+        """Keypoints ``(N, K, 3)`` = (x, y, confidence) in image pixels for ``boxes`` ``(N, 4)`` [x, y, w, h]
+        (default: one box, the whole image, as ``gtpt infer``). A box entirely outside the image gets no
+        keypoints: NaN coordinates and confidence 0, with an :class:`OutsideImageWarning`."""
+        return self.keypoints_batch([image], [boxes])[0]
+
+    def keypoints_batch(self, images: Sequence[ImageInput], boxes: Sequence[Any]) -> List[np.ndarray]:
+        """:meth:`__call__` for several images at once (e.g. video frames): their crops share forwards of up to
+        ``batch_size``. ``boxes[i]`` may be None (the whole image)."""
+        if len(images) != len(boxes):
+            raise ValueError(f"got {len(images)} images but {len(boxes)} box lists")
         cfg = self.model.cfg
         crop_wh = (cfg.image_size[1], cfg.image_size[0])
-        out = np.zeros((len(boxes), cfg.num_keypoints, 3))
-        for start in range(0, len(boxes), self.batch_size):
-            chunk = boxes[start:start + self.batch_size]
-            cs = [box_to_center_scale(b, aspect_ratio=crop_wh[0] / crop_wh[1]) for b in chunk]
-            crops = torch.stack([to_model_input(warp_affine(img, get_affine_transform(c, s, 0.0, crop_wh), crop_wh))
-                                 for c, s in cs]).to(self.device)
+        imgs = [_as_rgb_image(im) for im in images]
+        bxs = [_as_boxes([[0.0, 0.0, float(im.size[0]), float(im.size[1])]] if b is None else b)
+               for im, b in zip(imgs, boxes)]
+        outs = [np.zeros((len(b), cfg.num_keypoints, 3)) for b in bxs]
+        jobs = []  # (image index, box index) of every box with pixels inside its image
+        for i, (im, b) in enumerate(zip(imgs, bxs)):
+            away = outside_image(b, im.size)
+            for j in np.flatnonzero(away):
+                warnings.warn(f"box {b[j].tolist()} lies entirely outside the {im.size[0]}x{im.size[1]} image: "
+                              f"no keypoints for it", OutsideImageWarning, stacklevel=3)
+                outs[i][j, :, :2] = np.nan
+            jobs += [(i, j) for j in np.flatnonzero(~away)]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            cs = [box_to_center_scale(bxs[i][j], aspect_ratio=crop_wh[0] / crop_wh[1]) for i, j in chunk]
+            crops = torch.stack([to_model_input(warp_affine(imgs[i], get_affine_transform(c, s, 0.0, crop_wh),
+                                                            crop_wh)) for (i, _), (c, s) in zip(chunk, cs)]
+                                ).to(self.device)
             coords, conf = predict_crops(self.model, crops, self.flip_test)
             centers, scales = np.array([c for c, _ in cs]), np.array([s for _, s in cs])
-            out[start:start + len(chunk), :, :2] = to_image_coords(coords, centers, scales, 0.0, crop_wh)
-            out[start:start + len(chunk), :, 2] = conf
-        return out
+            xy = to_image_coords(coords, centers, scales, 0.0, crop_wh)
+            for k, (i, j) in enumerate(chunk):
+                outs[i][j, :, :2] = xy[k]
+                outs[i][j, :, 2] = conf[k]
+        return outs
 
-    def estimate(self, image: ImageInput, boxes: Any, box_scores: Optional[Sequence[float]] = None,
+    def estimate(self, image: ImageInput, boxes: Any = None, box_scores: Optional[Sequence[float]] = None,
                  nms_threshold: Optional[float] = OKS_NMS_THRESHOLD) -> List[Dict[str, Any]]:
         """Keypoints plus the official instance score (box score x mean confidence of joints above 0.01) and
         OKS-NMS over the image (``nms_threshold=None``: keep all). Returns dicts ``box``, ``box_score``,
-        ``score``, ``keypoints`` ``(K, 3)``, best first."""
-        boxes = _as_boxes(boxes)
-        scores = np.ones(len(boxes)) if box_scores is None else np.asarray(box_scores, dtype=np.float64).reshape(-1)
-        if scores.shape != (len(boxes),) or not np.isfinite(scores).all():
-            raise ValueError(f"box_scores must be {len(boxes)} finite numbers, got {scores.tolist()}")
-        kps = self(image, boxes)
-        inst = rescore(kps[..., 2], scores)
-        if nms_threshold is None:
-            order = np.argsort(-inst, kind="stable").tolist()
-        else:
-            areas = np.array([np.prod(box_to_center_scale(b)[1] * PIXEL_STD) for b in boxes])
-            order = oks_nms_indices(kps, inst, areas, nms_threshold)
-        return [{"box": boxes[i].tolist(), "box_score": float(scores[i]), "score": float(inst[i]),
-                 "keypoints": kps[i]} for i in order]
+        ``score``, ``keypoints`` ``(K, 3)``, best first. ``boxes`` default: the whole image; boxes entirely
+        outside the image are left out (with an :class:`OutsideImageWarning`)."""
+        return self.estimate_batch([image], [boxes], [box_scores], nms_threshold)[0]
+
+    def estimate_batch(self, images: Sequence[ImageInput], boxes: Sequence[Any],
+                       box_scores: Optional[Sequence[Optional[Sequence[float]]]] = None,
+                       nms_threshold: Optional[float] = OKS_NMS_THRESHOLD) -> List[List[Dict[str, Any]]]:
+        """:meth:`estimate` for several images (video frames) at once, their crops batched together."""
+        imgs = [_as_rgb_image(im) for im in images]
+        bxs = [_as_boxes([[0.0, 0.0, float(im.size[0]), float(im.size[1])]] if b is None else b)
+               for im, b in zip(imgs, boxes)]
+        box_scores = [None] * len(imgs) if box_scores is None else box_scores
+        scs = []
+        for b, sc in zip(bxs, box_scores):
+            s = np.ones(len(b)) if sc is None else np.asarray(sc, dtype=np.float64).reshape(-1)
+            if s.shape != (len(b),) or not np.isfinite(s).all():
+                raise ValueError(f"box_scores must be {len(b)} finite numbers, got {s.tolist()}")
+            scs.append(s)
+        all_kps = self.keypoints_batch(imgs, bxs)
+        out = []
+        for im, b, s, kps in zip(imgs, bxs, scs, all_kps):
+            keep = ~outside_image(b, im.size)
+            b, s, kps = b[keep], s[keep], kps[keep]
+            inst = rescore(kps[..., 2], s)
+            if nms_threshold is None:
+                order = np.argsort(-inst, kind="stable").tolist()
+            else:
+                areas = np.array([np.prod(box_to_center_scale(x)[1] * PIXEL_STD) for x in b])
+                order = oks_nms_indices(kps, inst, areas, nms_threshold)
+            out.append([{"box": b[i].tolist(), "box_score": float(s[i]), "score": float(inst[i]),
+                         "keypoints": kps[i]} for i in order])
+        people = [p["keypoints"] for ps in out for p in ps]
+        if people and not self._hinted and max(float(k[:, 2].max()) for k in people) < IN_VIS_THRESHOLD:
+            self._hinted = True
+            warnings.warn(low_confidence_hint(max(float(k[:, 2].max()) for k in people)), LowConfidenceWarning,
+                          stacklevel=2)
+        return out
+
+    _hinted = False  # the low-confidence hint is given once per estimator
+
+
+class OutsideImageWarning(UserWarning):
+    """A person box lies entirely outside its image: it gets no keypoints."""
+
+
+class LowConfidenceWarning(UserWarning):
+    """No joint reached the drawing / rescoring threshold: the weights are random or barely trained."""
+
+
+def low_confidence_hint(best: float, threshold: float = IN_VIS_THRESHOLD) -> str:
+    return (f"no joint reached confidence {threshold:g} (the best was {best:.4f}), so drawings show boxes only: "
+            f"the weights are random or barely trained (official weights: the Google Drive links in the README of "
+            f"github.com/haonanwang0522/GTPT; see this project's README, Model)")
 
 
 def draw_keypoints(image: ImageInput, keypoints: np.ndarray, threshold: float = IN_VIS_THRESHOLD,
@@ -172,134 +241,59 @@ def draw_keypoints(image: ImageInput, keypoints: np.ndarray, threshold: float = 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# gtpt infer
+# gtpt infer (options: gtpt.cli_options; inputs, boxes, output paths and the run: gtpt.inputs; video: gtpt.video)
 
-def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``gtpt infer`` options (pair with ``set_defaults(func=run_inference_cli)``)."""
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("-o", "--output", required=True, help="output JSON (one entry per person)")
-    parser.add_argument("--variant", default="gtpt-s",
-                        help=f"model variant (default gtpt-s): {', '.join(list_variants())}")
-    parser.add_argument("--checkpoint", help="official GTPT .pth; without it the weights are random")
-    boxes = parser.add_mutually_exclusive_group()
-    boxes.add_argument("--detections", help="COCO detection results JSON (image_id, bbox, score, category_id); "
-                                            "matched to images whose file name is the COCO image id")
-    boxes.add_argument("--box", action="append", metavar="X,Y,W,H",
-                       help="a person box for every image (repeatable; negative values allowed, e.g. "
-                            "--box -20,10,300,400); default: the whole image")
-    parser.add_argument("--det-score-thr", type=float, default=0.5,
-                        help="keep detections with score >= this (default 0.5; the official COCO test uses 0.0)")
-    parser.add_argument("--no-nms", action="store_true", help=f"skip OKS-NMS (default threshold {OKS_NMS_THRESHOLD})")
-    parser.add_argument("--no-flip", action="store_true", help="no flip test")
-    parser.add_argument("--vis", help="draw the poses: an image path for one input image, else a folder")
-    parser.add_argument("--kpt-thr", type=float, default=IN_VIS_THRESHOLD,
-                        help=f"confidence to draw a joint (default {IN_VIS_THRESHOLD}, the official visibility "
-                             f"threshold; GTPT's confidences stay below ~0.1)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
-    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward (default 32)")
-    return parser
-
-
-_BOX_VALUE = re.compile(r"^-[0-9.eE+-]*(,[-0-9.eE+]+){3}$")
-
-
-def join_negative_box_values(argv: Sequence[str]) -> List[str]:
-    """``--box -20,10,300,400`` -> ``--box=-20,10,300,400``: argparse takes a value that starts with '-' and is not
-    a plain number for an option, so a box starting left of or above the image would be refused."""
-    out: List[str] = []
-    it = iter(argv)
-    for a in it:
-        if a == "--box":
-            nxt = next(it, None)
-            if nxt is not None and _BOX_VALUE.match(nxt):
-                out.append(f"--box={nxt}")
-                continue
-            out.append(a)
-            if nxt is not None:
-                out.append(nxt)
-            continue
-        out.append(a)
-    return out
-
-
-def _parse_box(text: str) -> List[float]:
+def _resolve_device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        box = [float(v) for v in text.split(",")]
-    except ValueError:
-        box = []
-    if len(box) != 4:
-        raise ValueError(f"--box expects x,y,w,h, got {text!r}")
-    return box
-
-
-def _image_id(path: str) -> Optional[int]:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return int(stem) if stem.isdigit() else None
-
-
-def _boxes_for(path: str, size: Sequence[int], args: argparse.Namespace, detections: Optional[List[dict]]):
-    if detections is None:
-        if args.box:
-            boxes = [_parse_box(b) for b in args.box]
-        else:
-            boxes = [[0.0, 0.0, float(size[0]), float(size[1])]]
-        return np.array(boxes), np.ones(len(boxes))
-    image_id = _image_id(path)
-    if image_id is None:
-        raise ValueError(f"cannot match detections to {path}: its file name is not a COCO image id")
-    dets = [d for d in detections if isinstance(d, dict) and d.get("image_id") == image_id
-            and d.get("category_id", 1) == 1 and d.get("score", 1.0) >= args.det_score_thr]
-    if any("bbox" not in d for d in dets):
-        raise ValueError(f"{args.detections}: a detection for image {image_id} has no bbox")
-    return (np.array([d["bbox"] for d in dets], dtype=np.float64).reshape(-1, 4),
-            np.array([d.get("score", 1.0) for d in dets], dtype=np.float64))
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: no such CUDA device on this machine (use --device cpu)")
+    return text
 
 
 def run_inference_cli(args: argparse.Namespace) -> int:
-    """Run ``gtpt infer``: estimate poses on ``args.images`` and write ``args.output`` (a JSON list of
-    ``image``, ``image_id``, ``category_id``, ``box``, ``box_score``, ``score``, ``keypoints`` flat [x, y, c] * K;
-    133 keypoints in the COCO-WholeBody layout: ``keypoints`` = body, then ``foot_kpts``, ``face_kpts``,
-    ``lefthand_kpts``, ``righthand_kpts``)
-    and optional drawings. Returns 0, or 2 with a one-line error for bad inputs."""
+    """Run ``gtpt infer``: estimate poses on ``args.images`` (image files, folders, videos) and write
+    ``args.output`` (a JSON list of ``image``, ``image_id``, ``category_id``, ``box``, ``box_score``, ``score``,
+    ``keypoints`` flat [x, y, c] * K, plus ``frame`` and ``time_s`` for video frames; 133 keypoints in the
+    COCO-WholeBody layout: ``keypoints`` = body, then ``foot_kpts``, ``face_kpts``, ``lefthand_kpts``,
+    ``righthand_kpts``) and optional drawings. Every argument, input and output path is checked before the
+    model is built. Returns 0, or 2 with a one-line error for bad inputs."""
+    from .errors import debug_enabled, one_line
+    from .inputs import (BoxSource, check_output_file, check_readable, expand_inputs, resolve_variant, run_infer,
+                         vis_targets, warn_line)
+    warn = warn_line()
     try:
-        detections = None
-        if args.detections:
-            with open(args.detections) as f:
-                detections = json.load(f)
-            if not isinstance(detections, list):
-                raise ValueError(f"{args.detections}: expected a JSON list of detections")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        check_output_file(args.output, "-o")
+        inputs = expand_inputs(args.images, warn)
+        targets = vis_targets(inputs, args.vis)
+        clash = {os.path.abspath(args.output)} & ({os.path.abspath(t) for t in targets.values()}
+                                                  | {os.path.abspath(i.path) for i in inputs})
+        if clash:
+            raise ValueError(f"-o {args.output} is also an input or a drawing; choose another output file")
+        boxes = BoxSource(args, inputs)
+        device = _resolve_device(args.device)
+        variant, checkpoint = resolve_variant(args.variant, args.checkpoint)
+        inputs = check_readable(inputs, args.skip_bad, warn)
         if args.checkpoint is None:
-            print(f"gtpt infer: warning: no --checkpoint, {args.variant} has random weights; the keypoints are "
+            print(f"gtpt infer: warning: no --checkpoint, {variant} has random weights; the keypoints are "
                   f"meaningless", file=sys.stderr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
-            est = PoseEstimator(args.variant, args.checkpoint, device=device, backend=args.backend,
+            est = PoseEstimator(variant, checkpoint, device=device, backend=args.backend,
                                 flip_test=not args.no_flip, batch_size=args.batch_size)
-        entries: List[Dict[str, Any]] = []
-        drawings = []
-        for path in args.images:
-            image = load_image(path, exif_orientation=True)  # boxes and drawings as a viewer shows the photo
-            boxes, scores = _boxes_for(path, image.size, args, detections)
-            people = est.estimate(image, boxes, scores, None if args.no_nms else OKS_NMS_THRESHOLD)
-            entries += [{"image": path, "image_id": _image_id(path), "category_id": 1, "box": p["box"],
-                         "box_score": p["box_score"], "score": p["score"],
-                         "keypoints": p["keypoints"].reshape(-1).tolist()} for p in people]
-            if args.vis:
-                kps = np.array([p["keypoints"] for p in people]).reshape(-1, est.num_keypoints, 3)
-                drawings.append((path, draw_keypoints(image, kps, args.kpt_thr, boxes=[p["box"] for p in people])))
-            print(f"{path}: {len(people)} person(s)", file=sys.stderr)
+        entries, best = run_infer(est, inputs, boxes, targets, args, warn)
         write_results(entries, args.output)
-        if args.vis:
-            for path, drawing in drawings:
-                if len(args.images) == 1:
-                    out = args.vis
-                else:
-                    out = os.path.join(args.vis, os.path.splitext(os.path.basename(path))[0] + "_pose.png")
-                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-                drawing.save(out)
+        if 0 <= best < args.kpt_thr:
+            print(f"gtpt infer: note: {low_confidence_hint(best, args.kpt_thr)}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
-        print(f"gtpt infer: error: {e}", file=sys.stderr)
+        if debug_enabled():
+            raise
+        print(f"gtpt infer: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,7 @@ class LatencyResult:
     per_stage_ms: Optional[Dict[str, float]] = None
     peak_memory_mb: Optional[float] = None
     op_breakdown: Optional[Dict[str, object]] = None  # see measure_op_breakdown()
+    times_ms: Optional[List[float]] = None  # every timed iteration (interleaved with the other paths' of its config)
 
     @property
     def label(self) -> str:
@@ -180,6 +181,63 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     pos = q * (len(s) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# Adaptive repeats: on a shared machine a config whose p80/p20 spread is wider than this gets more timed rounds
+# (up to SPREAD_MAX_FACTOR x the asked repeats), and the result says so in its note.
+SPREAD_LIMIT = 1.25
+SPREAD_MAX_FACTOR = 3
+SPREAD_EXTRA_BUDGET_S = 30.0  # no extra rounds once a config's timed rounds have taken this long
+
+
+def spread(times: Sequence[float]) -> float:
+    """p80 / p20 of a list of timings (1.0 = perfectly steady)."""
+    lo = _quantile(times, 0.2)
+    return _quantile(times, 0.8) / lo if lo > 0 else float("inf")
+
+
+def time_interleaved(steps: Dict[str, Callable[[], object]], timer: "_Timer", repeats: int,
+                     adaptive: bool = True) -> Tuple[Dict[str, List[float]], str]:
+    """Time each step ``repeats`` times in rounds (one call of every step per round, in order), so load from
+    other processes hits every contender alike. With ``adaptive``, while some contender's p80/p20 spread exceeds
+    :data:`SPREAD_LIMIT`, more rounds of ``repeats`` are added, up to ``SPREAD_MAX_FACTOR * repeats`` in all.
+    Returns the times (ms) per step and a note ("" when the first rounds were steady)."""
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            for k, step in steps.items():
+                timer.sync()
+                a = timer.mark()
+                step()
+                b = timer.mark()
+                if timer.cuda:
+                    b.synchronize()
+                times[k].append(timer.elapsed_ms(a, b))
+        timer.sync()
+
+    t0 = time.perf_counter()
+    rounds(repeats)
+    if not adaptive or repeats < 3:
+        return times, ""
+    first = max(spread(v) for v in times.values())
+    if first <= SPREAD_LIMIT:
+        return times, ""
+    capped = False
+    while max(spread(v) for v in times.values()) > SPREAD_LIMIT and \
+            len(next(iter(times.values()))) < SPREAD_MAX_FACTOR * repeats:
+        if time.perf_counter() - t0 > SPREAD_EXTRA_BUDGET_S:
+            capped = True
+            break
+        rounds(repeats)
+    last = max(spread(v) for v in times.values())
+    n = len(next(iter(times.values())))
+    note = f"spread p80/p20 {first:.2f} after {repeats} repeats: timed {n}"
+    if capped:
+        note += f" (time cap {SPREAD_EXTRA_BUDGET_S:.0f} s)"
+    if last > SPREAD_LIMIT:
+        note += f", still {last:.2f} (noisy machine: treat as rough)"
+    return times, note
 
 
 @contextlib.contextmanager
@@ -308,72 +366,85 @@ def build_step(variant: str, backend: str = "reference", batch_size: int = 1, dt
 def profile_config(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
                    mode: str = "inference", path: str = "pruned", device: str = "cpu", warmup: int = 3,
                    repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None,
-                   op_breakdown: bool = False) -> LatencyResult:
+                   op_breakdown: bool = False, adaptive: bool = True) -> LatencyResult:
     """Measure one configuration (see the module docstring). ``model`` may be passed to reuse a built model
     (it is moved / cast in place). ``op_breakdown`` adds :func:`measure_op_breakdown` of the step (not for CUDA-graph
-    replay, whose kernels the profiler does not see one by one)."""
+    replay, whose kernels the profiler does not see one by one). ``adaptive``: more repeats when the spread is
+    wide (:func:`time_interleaved`)."""
+    return profile_paths(variant, backend, batch_size, dtype, mode, (path,), device, warmup, repeats, per_stage,
+                         model, op_breakdown, adaptive)[0]
+
+
+def profile_paths(variant: str, backend: str = "reference", batch_size: int = 1, dtype: str = "fp32",
+                  mode: str = "inference", paths: Sequence[str] = PATHS, device: str = "cpu", warmup: int = 3,
+                  repeats: int = 10, per_stage: bool = True, model: Optional[nn.Module] = None,
+                  op_breakdown: bool = False, adaptive: bool = True) -> List[LatencyResult]:
+    """:func:`profile_config` for several inference paths of one model at once: their timed iterations are
+    interleaved (pruned, unpruned, pruned, ...), so load from other processes hits every path alike and their
+    ratio stays meaningful on a busy machine. One result per path, in the order given."""
     cfg = get_config(variant)
     dev = torch.device(device)
     if mode == "train":
-        path = "both"  # the training step runs the pruned and the unpruned pass
-    elif path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")
-    res = LatencyResult(cfg.name, backend, batch_size, dtype, mode, path, str(dev))
-    reason = _skip_reason(backend, mode, path, dev)
+        paths = ("both",)  # the training step runs the pruned and the unpruned pass
+    for p in paths:
+        if mode != "train" and p not in PATHS:
+            raise ValueError(f"unknown path {p!r}; valid: {', '.join(PATHS)}")
+    results = [LatencyResult(cfg.name, backend, batch_size, dtype, mode, p, str(dev)) for p in paths]
+    reason = _skip_reason(backend, mode, paths[0], dev)
     if reason:
-        res.status, res.note = "skipped", reason
-        return res
+        for res in results:
+            res.status, res.note = "skipped", reason
+        return results
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if dev.type == "cuda":
         # From before the build: a CUDA graph (cudagraph*, *reduce-overhead) allocates its activations once, during
         # capture, into its private pool; replays allocate nothing, so a peak taken after warm-up would miss them.
         torch.cuda.reset_peak_memory_stats(dev)
-    step, model, runner, images = build_step(cfg.name, backend, batch_size, dtype, mode, path, device, model)
+    built = {}
+    for p in paths:
+        built[p] = build_step(cfg.name, backend, batch_size, dtype, mode, p, device, model)
+        model = built[p].model  # every path runs the same weights
     timer = _Timer(dev)
 
     if backend.startswith("compile"):
         # the first calls compile (and may recompile once shapes are marked dynamic): warm-up, not measurement
         warmup = max(warmup, 3)
     for _ in range(warmup):
-        step()
+        for b in built.values():
+            b.step()
     timer.sync()
-    times = []
-    for _ in range(repeats):
-        a = timer.mark()
-        step()
-        b = timer.mark()
+    times, note = time_interleaved({p: b.step for p, b in built.items()}, timer, repeats, adaptive)
+    for res in results:
+        t = times[res.path]
         if dev.type == "cuda":
-            b.synchronize()
-        times.append(timer.elapsed_ms(a, b))
-    timer.sync()
-    if dev.type == "cuda":
-        res.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    res.repeats = repeats
-    res.median_ms = statistics.median(times)
-    res.p20_ms, res.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
-    res.images_per_s = batch_size / (res.median_ms / 1e3)
+            res.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        res.repeats = len(t)
+        res.times_ms = [round(x, 4) for x in t]
+        res.median_ms = statistics.median(t)
+        res.p20_ms, res.p80_ms = _quantile(t, 0.2), _quantile(t, 0.8)
+        res.images_per_s = batch_size / (res.median_ms / 1e3)
+        res.note = note
 
-    if per_stage and mode == "inference" and backend in ("reference", "triton"):
-        samples: Dict[str, List[float]] = {s: [] for s in FLOP_STAGES}
-        with _stage_markers(model, runner, timer) as marks, torch.no_grad():
-            for _ in range(repeats):
-                marks.clear()
-                runner(images)
-                timer.sync()
-                for s, v in _stages_from_marks(marks, timer).items():
-                    samples[s].append(v)
-        res.per_stage_ms = {s: statistics.median(v) for s, v in samples.items()}
-    if op_breakdown and not backend.startswith("cudagraph"):
-        try:
-            res.op_breakdown = measure_op_breakdown(step, dev, iters=min(repeats, 5))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a profiler failure must not cost the latency figures already measured
-            res.op_breakdown = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-    if dev.type == "cpu":
-        res.note = "peak memory n/a on CPU (no allocator high-water mark)"
-    return res
+        step, runner, images = built[res.path].step, built[res.path].runner, built[res.path].images
+        if per_stage and mode == "inference" and backend in ("reference", "triton"):
+            samples: Dict[str, List[float]] = {s: [] for s in FLOP_STAGES}
+            with _stage_markers(model, runner, timer) as marks, torch.no_grad():
+                for _ in range(repeats):
+                    marks.clear()
+                    runner(images)
+                    timer.sync()
+                    for s, v in _stages_from_marks(marks, timer).items():
+                        samples[s].append(v)
+            res.per_stage_ms = {s: statistics.median(v) for s, v in samples.items()}
+        if op_breakdown and not backend.startswith("cudagraph"):
+            try:
+                res.op_breakdown = measure_op_breakdown(step, dev, iters=min(repeats, 5))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # a profiler failure must not cost the latency figures already measured
+                res.op_breakdown = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    return results
 
 # (category, substrings of the lower-cased kernel / operator name), first match wins. Our kernels first, then
 # Inductor's generated kernels (their names also contain the fused ops' names), then by what the name says.
@@ -526,43 +597,63 @@ def profile(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), backends: Sequence[s
         return (1, names.index(v), modes.index(m), list(dtypes).index(dt), list(batch_sizes).index(b),
                 ("pruned", "unpruned", "both").index(p), list(backends).index(be))
     combos.sort(key=order)
+    # The inference paths of one eager / CUDA-graph config are timed together, interleaved (profile_paths), so
+    # their ratio survives other load on the machine; compiled configs are timed one by one (each compiles).
+    groups: List[List[tuple]] = []
+    for c in combos:
+        last = groups[-1][-1] if groups else None
+        if (last is not None and c[4] == "inference" and not c[1].startswith("compile")
+                and last[:5] == c[:5]):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
     results = []
     t_sweep = time.perf_counter()
     interrupted = False
-    for i, (v, be, b, dt, m, p) in enumerate(combos, 1):
+    i = 0
+    for group in groups:
         t0 = time.perf_counter()
+        v, be, b, dt, m, _ = group[0]
+        gpaths = [c[5] for c in group]
         if interrupted or (budget_s is not None and t0 - t_sweep > budget_s):
             note = "interrupted" if interrupted else f"time budget of {budget_s:.0f} s spent"
-            results.append(LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
-                                         note=note))
-            continue
-        try:
-            r = profile_config(v, be, int(b), dt, m, p, device, warmup, repeats, per_stage,
-                               op_breakdown=op_breakdown)
-        except KeyboardInterrupt:  # e.g. a timeout's signal: keep what was measured, report the rest as skipped
-            interrupted = True
-            r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
-                              note="interrupted")
-        except Exception as e:  # keep the sweep going; the report says what failed
-            r = LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="error",
-                              note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        results.append(r)
-        if progress is not None:
-            what = (f"{r.median_ms:9.2f} ms (p20 {r.p20_ms:.2f}, p80 {r.p80_ms:.2f})" if r.status == "ok"
-                    else f"{r.status}: {r.note}")
-            print(f"[{i}/{len(combos)}] {r.label}: {what}  [{time.perf_counter() - t0:.1f} s]", file=progress,
-                  flush=True)
+            rs = [LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped", note=note)
+                  for p in gpaths]
+        else:
+            try:
+                if len(gpaths) == 1:  # one path (compiled configs, training, --paths X): on its own
+                    rs = [profile_config(v, be, int(b), dt, m, gpaths[0], device, warmup, repeats, per_stage,
+                                         op_breakdown=op_breakdown)]
+                else:
+                    rs = profile_paths(v, be, int(b), dt, m, gpaths, device, warmup, repeats, per_stage,
+                                       op_breakdown=op_breakdown)
+            except KeyboardInterrupt:  # e.g. a timeout's signal: keep what was measured, report the rest as skipped
+                interrupted = True
+                rs = [LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="skipped",
+                                    note="interrupted") for p in gpaths]
+            except Exception as e:  # keep the sweep going; the report says what failed
+                note = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rs = [LatencyResult(get_config(v).name, be, int(b), dt, m, p, device, status="error", note=note)
+                      for p in gpaths]
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        for r in rs:
+            i += 1
+            results.append(r)
+            if progress is not None:
+                what = (f"{r.median_ms:9.2f} ms (p20 {r.p20_ms:.2f}, p80 {r.p80_ms:.2f})"
+                        + (f"; {r.note}" if r.note else "") if r.status == "ok" else f"{r.status}: {r.note}")
+                print(f"[{i}/{len(combos)}] {r.label}: {what}  [{time.perf_counter() - t0:.1f} s]", file=progress,
+                      flush=True)
     return results
 
 
 def compare_paths(variant: str, batch_size: int = 1, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-                  dtype: str = "fp32", model: Optional[nn.Module] = None) -> Dict[str, object]:
+                  dtype: str = "fp32", model: Optional[nn.Module] = None, adaptive: bool = True) -> Dict[str, object]:
     """Inference latency of the pruned and the unpruned path of one eager reference model, measured
-    *interleaved* (pruned, unpruned, pruned, ...) so that load from other processes hits both alike. Returns the
-    per-path times (ms) and the speedup of the pruned path from the minima (the least disturbed runs) and from
-    the medians."""
+    *interleaved* (pruned, unpruned, pruned, ...) so that load from other processes hits both alike, with more
+    rounds when the spread is wide (:func:`time_interleaved`). Returns the per-path times (ms) and the speedup of
+    the pruned path (:func:`speedup_stats`)."""
     from .model import build_model
 
     cfg = get_config(variant)
@@ -574,20 +665,37 @@ def compare_paths(variant: str, batch_size: int = 1, repeats: int = 5, warmup: i
     images = torch.randn(batch_size, 3, *cfg.image_size, device=dev, dtype=DTYPES[dtype])
     runners = {"pruned": PathRunner(model, cfg.layer_keep_rates()), "unpruned": PathRunner(model, (1.0,) * cfg.depth)}
     timer = _Timer(dev)
-    times: Dict[str, List[float]] = {p: [] for p in runners}
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            for p, run in runners.items():
-                timer.sync()
-                a = timer.mark()
+        for _ in range(warmup):
+            for run in runners.values():
                 run(images)
-                b = timer.mark()
-                timer.sync()
-                if i >= warmup:
-                    times[p].append(timer.elapsed_ms(a, b))
+        timer.sync()
+        times, note = time_interleaved({p: (lambda run=run: run(images)) for p, run in runners.items()}, timer,
+                                       repeats, adaptive)
     return {"variant": cfg.name, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "times_ms": times,
-            "speedup_min": min(times["unpruned"]) / min(times["pruned"]),
-            "speedup_median": statistics.median(times["unpruned"]) / statistics.median(times["pruned"])}
+            **speedup_stats(times), "note": note}
+
+
+def speedup_stats(times: Mapping[str, Sequence[float]]) -> Dict[str, float]:
+    """Speedup of the pruned path from interleaved times: from the minima (the least disturbed runs), from the
+    medians, and the p20 / p80 of the per-round ratios (unpruned / pruned of the same round)."""
+    ratios = [u / p for p, u in zip(times["pruned"], times["unpruned"])]
+    return {"speedup_min": min(times["unpruned"]) / min(times["pruned"]),
+            "speedup_median": statistics.median(times["unpruned"]) / statistics.median(times["pruned"]),
+            "speedup_p20": _quantile(ratios, 0.2), "speedup_p80": _quantile(ratios, 0.8)}
+
+
+def interleaved_from_results(results: Sequence[LatencyResult], variant: str, batch_size: int, dtype: str,
+                             backend: str = "reference") -> Optional[Dict[str, object]]:
+    """The :func:`compare_paths` record of a sweep's interleaved pruned / unpruned pair, or None if the sweep
+    did not measure that pair."""
+    pair = {r.path: r for r in results if r.status == "ok" and r.mode == "inference" and r.variant == variant
+            and r.backend == backend and r.batch_size == batch_size and r.dtype == dtype and r.times_ms}
+    if set(pair) != {"pruned", "unpruned"} or len(pair["pruned"].times_ms) != len(pair["unpruned"].times_ms):
+        return None
+    times = {p: list(pair[p].times_ms) for p in ("pruned", "unpruned")}
+    return {"variant": variant, "batch_size": batch_size, "device": pair["pruned"].device, "dtype": dtype,
+            "times_ms": times, **speedup_stats(times), "note": pair["pruned"].note}
 
 
 def pruning_speedups(results: Sequence[LatencyResult]) -> List[Dict[str, object]]:
@@ -602,9 +710,12 @@ def pruning_speedups(results: Sequence[LatencyResult]) -> List[Dict[str, object]
             continue
         u = by_key.get((v, be, b, dt, dev, "unpruned"))
         if u is not None:
+            interleaved = not be.startswith("compile") and bool(r.times_ms) and bool(u.times_ms) and \
+                len(r.times_ms) == len(u.times_ms)
             out.append({"variant": v, "backend": be, "batch_size": b, "dtype": dt, "device": dev,
                         "pruned_ms": r.median_ms, "unpruned_ms": u.median_ms,
-                        "speedup": u.median_ms / r.median_ms})
+                        "speedup": u.median_ms / r.median_ms, "interleaved": interleaved,
+                        "note": r.note or u.note})
     return out
 
 
@@ -625,6 +736,8 @@ def latency_markdown(results: Sequence[LatencyResult]) -> str:
         lines.append(f"| {r.variant} | {r.backend} | {r.mode} | {r.path} | {r.batch_size} | {r.dtype} | "
                      f"{_fmt_ms(r.median_ms)} | {_fmt_ms(r.p20_ms)} | {_fmt_ms(r.p80_ms)} | {ips} | {mem} | "
                      f"{note} |")
+    if any(r.status == "ok" and r.peak_memory_mb is None and r.device.startswith("cpu") for r in results):
+        lines += ["", "Peak MiB: n/a on CPU (no allocator high-water mark to read)."]
     staged = [r for r in results if r.per_stage_ms]
     if staged:
         lines += ["", "Per-stage median (ms; channel_mask = fine entry: channel mask, grouping, entry pruning):", "",
@@ -662,11 +775,12 @@ def latency_markdown(results: Sequence[LatencyResult]) -> str:
     sp = pruning_speedups(results)
     if sp:
         lines += ["", "Pruned vs unpruned path (inference, same run):", "",
-                  "| variant | backend | batch | dtype | pruned ms | unpruned ms | speedup |",
-                  "|---|---|---:|---|---:|---:|---:|"]
+                  "| variant | backend | batch | dtype | pruned ms | unpruned ms | speedup | timing |",
+                  "|---|---|---:|---|---:|---:|---:|---|"]
         for s in sp:
+            how = "interleaved" if s.get("interleaved") else "separate runs"
             lines.append(f"| {s['variant']} | {s['backend']} | {s['batch_size']} | {s['dtype']} | "
-                         f"{s['pruned_ms']:.2f} | {s['unpruned_ms']:.2f} | {s['speedup']:.2f}x |")
+                         f"{s['pruned_ms']:.2f} | {s['unpruned_ms']:.2f} | {s['speedup']:.2f}x | {how} |")
     return "\n".join(lines)
 
 

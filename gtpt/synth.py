@@ -652,7 +652,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     parser.add_argument("--images", type=count, required=True, metavar="N",
-                        help=f"images in all; {VAL_FRACTION:.0%} (at least one) go to the val split")
+                        help=f"images in all; {VAL_FRACTION:.0%}% (at least one) go to the val split")
     parser.add_argument("--wholebody", action="store_true",
                         help="133 COCO-WholeBody keypoints (face, hands, feet) instead of COCO's 17")
     parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0); the same seed gives the "

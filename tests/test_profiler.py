@@ -21,11 +21,13 @@ def tiny_model():
 
 def test_profile_config_inference_cpu(tiny_model):
     r = profile_config("gtpt-t", "reference", batch_size=1, warmup=1, repeats=3, model=tiny_model)
-    assert r.status == "ok" and r.repeats == 3
+    assert r.status == "ok" and r.repeats in (3, 6, 9)  # more rounds only when the spread is wide
     assert 0 < r.p20_ms <= r.median_ms <= r.p80_ms
     assert r.images_per_s == pytest.approx(1e3 / r.median_ms)
     assert list(r.per_stage_ms) == list(FLOP_STAGES) and all(v >= 0 for v in r.per_stage_ms.values())
-    assert r.peak_memory_mb is None and "n/a" in r.note  # no fake CPU memory number
+    assert r.peak_memory_mb is None  # no fake CPU memory number
+    md = latency_markdown([r, r])
+    assert md.count("n/a on CPU") == 1 and "peak memory n/a" not in md  # said once, not in every row
 
 
 def test_profile_config_train_step_cpu(tiny_model):
