@@ -45,7 +45,8 @@ def t_checkpoint(tmp_path_factory):
 
 def test_help_does_not_import_torch():
     code = ("import sys, gtpt.cli as c\n"
-            "for argv in (['--help'], ['infer', '--help'], ['eval', '--help'], ['profile', '--help']):\n"
+            "for argv in (['--help'], ['infer', '--help'], ['eval', '--help'], ['profile', '--help'],\n"
+            "             ['synth', '--help'], ['summary', '--help'], ['flops', '--help'], ['env', '--help']):\n"
             "    try:\n"
             "        c.main(argv)\n"
             "    except SystemExit as e:\n"
