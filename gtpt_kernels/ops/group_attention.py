@@ -333,7 +333,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N, s_qn, s_dn, q_cols, do_cols,
-                    d_mask, key0, qk_scale,
+                    d_mask, qk_scale,
                     BLOCK_M: tl.constexpr, M_BOUNDS: tl.constexpr, PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr,
                     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         """One query tile's contribution to a key tile's dk/dv, on the transposed (keys x queries) tile so the
@@ -357,9 +357,8 @@ if triton is not None:
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # no max here: any sign of the scale is fine
         if M_BOUNDS:
             p_t = tl.where(m_valid[None, :], p_t, 0.0)
-        if PAD_TOKEN:
-            # The pad key (virtual key 0) is a key of the pad query only.
-            p_t = tl.where(key0[:, None] & (~pad_col)[None, :], 0.0, p_t)
+        # The pad key (virtual key 0) is a key of the pad query only: its row is left unmasked here and replaced
+        # after the loops (rows of dk/dv are independent), so no tile pays a per-element select for it.
         dv += _dot(_cast(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
         dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -419,7 +418,6 @@ if triton is not None:
                 kv_mask = (offs_j < je)[:, None] & d_mask
                 k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-                key0 = offs_j == 0  # the pad key (shared token 0 of group 0) is virtual key 0 of every group
                 dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 full_end = (N // BLOCK_M) * BLOCK_M
@@ -430,13 +428,22 @@ if triton is not None:
                     row = ((b * G + gq).to(tl.int64) * H + h) * N
                     for start_m in range(0, full_end, BLOCK_M):
                         dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N, s_qn,
-                                             s_dn, q_cols, do_cols, d_mask, key0, qk_scale, BLOCK_M, False,
+                                             s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, False,
                                              PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
                     if full_end < N:
                         dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, full_end, gq, N, s_qn,
-                                             s_dn, q_cols, do_cols, d_mask, key0, qk_scale, BLOCK_M, True,
+                                             s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
                                              PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
                 dk = dk * scale
+                if PAD_TOKEN:
+                    # The pad key (shared token 0 of group 0, virtual key 0) is a key of the pad query only, whose
+                    # logits are constants: dk = 0 and dv = P(pad row, key 0) * dO(pad row) = dO(pad) / L, where
+                    # P = exp2(0 - LSE(pad row)) as the other tiles recompute it.
+                    key0 = (offs_j == 0)[:, None]
+                    do_pad = tl.load(DO + b.to(tl.int64) * s_db + hd * s_dc, mask=offs_d < HEAD_DIM, other=0.0)
+                    p_pad = tl.math.exp2(0.0 - tl.load(LSE + (b * G).to(tl.int64) * H * N + h * N))
+                    dk = tl.where(key0, 0.0, dk)
+                    dv = tl.where(key0, (p_pad * do_pad.to(tl.float32))[None, :], dv)
                 g_base = DQKV + b.to(tl.int64) * s_gb
                 g_rows = _key_rows(offs_j, g, GS, s_gg, s_gn, S)
                 tl.store(g_base + g_rows[:, None] + (C + hd)[None, :], _cast(dk, DQKV.dtype.element_ty, UPCAST),
@@ -578,7 +585,8 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
             qkv, grad_out, lse, delta, dqkv,
             *q_strides, *do_strides, *g_strides,
             G, N, C, n_own, max(n_own, 1), triton.cdiv(G * S, bwd_n), scale * _LOG2E, scale,
-            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common)
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common,
+            **({"maxnreg": cfg["dkdv_maxnreg"]} if cfg.get("dkdv_maxnreg") else {}))
     return dqkv
 
 
