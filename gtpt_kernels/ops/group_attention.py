@@ -180,6 +180,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -211,18 +212,28 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Masks only where they apply: the first tile (pad key, and the bounds if it is also the last), the
-        # full tiles in between unmasked, the partial last tile with the bounds mask.
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                                  not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
-        full_end = (L // BLOCK_N) * BLOCK_N
-        for start in range(BLOCK_N, full_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                                      not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST)
-        if (full_end >= BLOCK_N) & (full_end < L):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                      d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC,
+        if PEEL:
+            # Masks only where they apply: the first tile (pad key, and the bounds if it is also the last), the
+            # full tiles in between unmasked, the partial last tile with the bounds mask.
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                                      not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC,
                                       UPCAST)
+            full_end = (L // BLOCK_N) * BLOCK_N
+            for start in range(BLOCK_N, full_end, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE,
+                                          DOT_PREC, UPCAST)
+            if (full_end >= BLOCK_N) & (full_end < L):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE,
+                                          DOT_PREC, UPCAST)
+        else:
+            # One loop, every tile masked: a third of the code (fp32 FMA dots, where masks cost little next to
+            # the dot and three inlined copies of the tile spill registers and double compile times).
+            for start in range(0, L, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
+                                          DOT_PREC, UPCAST)
 
         has_keys = l_i > 0.0
         l_safe = tl.where(has_keys, l_i, 1.0)
@@ -277,6 +288,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -317,15 +329,20 @@ if triton is not None:
         k_cols = (C + hd) * s_qc
         v_cols = (2 * C + hd) * s_qc
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
-                      qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
-        full_end = (L // BLOCK_N) * BLOCK_N
-        for start in range(BLOCK_N, full_end, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                          not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST)
-        if (full_end >= BLOCK_N) & (full_end < L):
-            dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                          not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST)
+        if PEEL:
+            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+            full_end = (L // BLOCK_N) * BLOCK_N
+            for start in range(BLOCK_N, full_end, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST)
+            if (full_end >= BLOCK_N) & (full_end < L):
+                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST)
+        else:
+            for start in range(0, L, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
@@ -376,6 +393,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         # Work items per (batch, head), over virtual keys: N_SHARED_TILES tiles of the G*S shared keys (every
         # query group sees them) and, per group, N_OWN tiles of its N - S own keys (its own queries only). So a
@@ -426,14 +444,20 @@ if triton is not None:
                     q_base = base + gq * s_qg
                     do_base = DO + b.to(tl.int64) * s_db + gq * s_dg
                     row = ((b * G + gq).to(tl.int64) * H + h) * N
-                    for start_m in range(0, full_end, BLOCK_M):
-                        dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N, s_qn,
-                                             s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, False,
-                                             PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
-                    if full_end < N:
-                        dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, full_end, gq, N, s_qn,
-                                             s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
-                                             PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                    if PEEL:
+                        for start_m in range(0, full_end, BLOCK_M):
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, False,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                        if full_end < N:
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, full_end, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                    else:
+                        for start_m in range(0, N, BLOCK_M):
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
                 dk = dk * scale
                 if PAD_TOKEN:
                     # The pad key (shared token 0 of group 0, virtual key 0) is a key of the pad query only, whose
@@ -474,21 +498,21 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
                     num_warps=4, dkdv_warps=4, num_stages=1)
     # GPU: GTPT rows are short (31..300). 32-row query tiles keep partial-tile waste low at N=82 (3x32 vs 2x64)
     # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
+    if dtype != torch.float32 and block_d <= 64:
+        # 16-bit tensor-core dots: 32 x 32 tiles everywhere, one warp per 16 rows of the tile whose rows own the
+        # softmax and the reductions (queries in the forward and dq, keys in dk/dv). 4 warps on a 32-row tile
+        # made Triton replicate the tile per warp pair (sm_90 SASS: every HMMA issued twice). Static sm_90 cost
+        # estimates at B=128 (benchmarks/static_cost.py, README) picked 32-key tiles over 64 at every GTPT shape
+        # (fine: 94 keys = 3 x 32 instead of 2 x 64) and 32-row over 64-row query tiles at N > 96 (within 5%).
+        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
+                    dkdv_warps=2, num_stages=2)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
     bwd_m = 32
-    if dtype != torch.float32:
-        # 16-bit tensor-core dots: one warp per 16 rows of the tile whose rows own the softmax/reductions (queries
-        # in the forward and dq, keys in dk/dv). More warps than that along a 32-row tile make Triton either
-        # replicate the whole tile per warp pair or split the key axis across warps (cross-warp reductions through
-        # shared memory); sm_90 SASS of the former showed every HMMA issued twice.
-        return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=bwd_m, bwd_n=bwd_n, block_d=block_d,
-                    num_warps=max(1, fwd_m // 16), dq_warps=max(1, fwd_m // 16), dkdv_warps=max(1, bwd_n // 16),
-                    num_stages=2)
     num_warps = 8 if block_d >= 128 else 4
     dkdv_warps = num_warps
-    if block_d >= 32:
+    if dtype == torch.float32 and block_d >= 32:
         # fp32 dots (IEEE: FMA units, tf32: wider operands) hold tiles in larger register layouts than 16-bit
         # MMAs. sm_90 AOT compiles (tests/test_kernels_compile.py) spilled 136-480 B/thread at head dim 24 and
         # 0.5-1.6 KB at 64 with 64-row tiles; 32-row query tiles (forward, dq) and 32-token dk/dv tiles cut that.
@@ -499,6 +523,13 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
             dkdv_warps = 8  # k, v, dk, dv (32 x 64 fp32 each) stay live across the query loop
     return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=bwd_m, bwd_n=bwd_n, block_d=block_d, num_warps=num_warps,
                 dkdv_warps=dkdv_warps, num_stages=2)
+
+
+def _peel(cfg: dict, dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether the kernels peel their masked tiles (first/last key tile, last query tile of dk/dv) out of the
+    main loops. Yes for 16-bit tensor-core dots; no for compiled fp32 (see the kernels); always under the
+    interpreter, so that CI runs the peeled code (tests/test_group_attention.py also runs the one-loop form)."""
+    return cfg.get("peel", interpret or dtype != torch.float32)
 
 
 def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -546,7 +577,7 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
             scale * _LOG2E,
             S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
             PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
-            UPCAST=interpret and qkv.dtype == torch.bfloat16,
+            UPCAST=interpret and qkv.dtype == torch.bfloat16, PEEL=_peel(cfg, qkv.dtype, interpret),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
@@ -567,7 +598,7 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     prec = _dot_precision(qkv.dtype, fp32_precision)
     upcast = interpret and qkv.dtype == torch.bfloat16
     common = dict(S=S, HEAD_DIM=D, BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=prec,
-                  UPCAST=upcast, num_stages=cfg["num_stages"])
+                  UPCAST=upcast, PEEL=_peel(cfg, qkv.dtype, interpret), num_stages=cfg["num_stages"])
     q_strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3))
     do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
