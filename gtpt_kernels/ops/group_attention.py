@@ -18,10 +18,12 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
 * **Backward** - two launches, no atomics, hence bitwise deterministic:
   1. ``dq`` kernel (query-parallel, same grid as the forward): computes ``delta = rowsum(o * do)`` for its rows
      (stored for launch 2), recomputes ``P`` from the LSE and accumulates ``dq``.
-  2. ``dk/dv`` kernel (key-parallel): one program per (batch*group, head, tile of that group's tokens). A token
-     ``n >= S`` is a key of its own group only; a token ``n < S`` is a shared key of *every* group, so the
-     program loops over the query groups in a fixed order and sums their contributions in registers. Each
-     element of ``dk``/``dv`` is thus produced by exactly one program in a fixed order.
+  2. ``dk/dv`` kernel (key-parallel), over two kinds of work item per (batch, head): tiles of the ``G*S`` shared
+     keys (a shared key is a key of *every* group, so the item loops over the query groups in a fixed order and
+     sums their contributions in registers) and, per group, tiles of its ``N - S`` own keys (its own queries
+     only), so no tile mixes the two and idles rows. The items are spread over the (batch*group, head,
+     cdiv(N, tile)) grid; a slot runs at most one of each kind. Each element of ``dk``/``dv`` is produced by
+     exactly one item in a fixed order.
   ``dqkv`` is written in ``qkv``'s packed ``(B, G, N, 3C)`` layout.
 * **pad_token** - as the official layer masks it: key 0 (shared token 0 of group 0) is masked for every query but
   the pad query row (g=0, n=0), whose logits are all masked, i.e. equal: a uniform softmax over all of group 0's
@@ -34,6 +36,10 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
   FlashAttention: fp32 accumulation and softmax, ``P``/``dS`` rounded to the input dtype for the second matmul.
   Under the Triton interpreter bf16 ``tl.dot`` is broken (triton-lang/triton#11584), so there the dot operands
   are upcast to fp32.
+* **Cost** - the shared count is a constexpr (the key mapping is a multiply-shift), masks run only in the tiles
+  that need them (``PEEL``; compiled fp32 keeps one masked loop), the pad row/column comes from zeroed ``q``/``dO``
+  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dots run one warp per 16 tile rows.
+  Static sm_90 estimates before/after are in the README.
 * **Launch configs** - a fixed heuristic keyed on (N, D, dtype), no autotuning: the autotuner crashes without a
   GPU, and a benchmark-driven choice of ``BLOCK_N`` would change the summation order from process to process,
   breaking run-to-run bitwise reproducibility.
