@@ -126,6 +126,39 @@ def test_fp32_multi_tile(case, small_tiles):
     _check_fp32(case, seed=3)
 
 
+@pytest.fixture
+def one_loop_tiles(monkeypatch):
+    """16-wide tiles in the kernels' one-loop form (every tile masked, PEEL=False), which compiled fp32 runs;
+    the interpreter otherwise runs the peeled form (first/last tiles masked, the rest unmasked)."""
+    def cfg(N, L, D, dtype, interpret):
+        block_d = max(16, ga_mod._next_pow2(D))
+        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, block_d=block_d, num_warps=4, dkdv_warps=4,
+                    num_stages=1, peel=False)
+    monkeypatch.setattr(ga_mod, "_launch_config", cfg)
+
+
+@pytest.mark.parametrize("case", TILED_CASES[:2], ids=_ids(TILED_CASES[:2]))
+def test_fp32_multi_tile_one_loop(case, one_loop_tiles):
+    _check_fp32(case, seed=4)
+
+
+def test_dkdv_work_split_covers_every_key(small_tiles):
+    # 16-row dk/dv tiles, G*S = 3*7 = 21 shared keys -> 2 shared tiles and per group 1 own tile (N - S = 9):
+    # 3 groups x cdiv(16, 16) = 3 slots for 5 work items, so two slots run an own tile and then a shared one.
+    # Every dk/dv row must come from exactly one work item (poisoned outputs catch a missed row).
+    case = (1, 3, 16, 1, 16, 7, True, None, False)
+    assert ga_mod.triton.cdiv(3 * 7, 16) == 2 and ga_mod.triton.cdiv(16 - 7, 16) == 1
+    _check_fp32(case, seed=13)
+
+
+@pytest.mark.parametrize("scale", [-8.0, 0.0])
+def test_non_positive_scale(scale):
+    # The kernels take the row max of the unscaled logits when the scale is positive (one FFMA per logit); a
+    # negative or zero scale must take the other path (max after scaling; -inf * 0 must not appear). At -8 the
+    # scaled logits span ~2^200: exp2 overflows unless the max is taken after scaling.
+    _check_fp32((1, 3, 11, 1, 16, 2, True, scale, False), seed=21)
+
+
 HALF_CASES = [
     (torch.float16, (1, 3, 19, 2, 24, 6, True)),
     (torch.float16, (2, 1, 13, 1, 32, 0, False)),

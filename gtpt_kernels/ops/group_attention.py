@@ -18,10 +18,12 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
 * **Backward** - two launches, no atomics, hence bitwise deterministic:
   1. ``dq`` kernel (query-parallel, same grid as the forward): computes ``delta = rowsum(o * do)`` for its rows
      (stored for launch 2), recomputes ``P`` from the LSE and accumulates ``dq``.
-  2. ``dk/dv`` kernel (key-parallel): one program per (batch*group, head, tile of that group's tokens). A token
-     ``n >= S`` is a key of its own group only; a token ``n < S`` is a shared key of *every* group, so the
-     program loops over the query groups in a fixed order and sums their contributions in registers. Each
-     element of ``dk``/``dv`` is thus produced by exactly one program in a fixed order.
+  2. ``dk/dv`` kernel (key-parallel), over two kinds of work item per (batch, head): tiles of the ``G*S`` shared
+     keys (a shared key is a key of *every* group, so the item loops over the query groups in a fixed order and
+     sums their contributions in registers) and, per group, tiles of its ``N - S`` own keys (its own queries
+     only), so no tile mixes the two and idles rows. The items are spread over the (batch*group, head,
+     cdiv(N, tile)) grid; a slot runs at most one of each kind. Each element of ``dk``/``dv`` is produced by
+     exactly one item in a fixed order.
   ``dqkv`` is written in ``qkv``'s packed ``(B, G, N, 3C)`` layout.
 * **pad_token** - as the official layer masks it: key 0 (shared token 0 of group 0) is masked for every query but
   the pad query row (g=0, n=0), whose logits are all masked, i.e. equal: a uniform softmax over all of group 0's
@@ -34,6 +36,10 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
   FlashAttention: fp32 accumulation and softmax, ``P``/``dS`` rounded to the input dtype for the second matmul.
   Under the Triton interpreter bf16 ``tl.dot`` is broken (triton-lang/triton#11584), so there the dot operands
   are upcast to fp32.
+* **Cost** - the shared count is a constexpr (the key mapping is a multiply-shift), masks run only in the tiles
+  that need them (``PEEL``; compiled fp32 keeps one masked loop), the pad row/column comes from zeroed ``q``/``dO``
+  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dots run one warp per 16 tile rows.
+  Static sm_90 estimates before/after are in the README.
 * **Launch configs** - a fixed heuristic keyed on (N, D, dtype), no autotuning: the autotuner crashes without a
   GPU, and a benchmark-driven choice of ``BLOCK_N`` would change the summation order from process to process,
   breaking run-to-run bitwise reproducibility.
@@ -118,39 +124,69 @@ if triton is not None:
             return tl.dot(a, b, input_precision=DOT_PREC)
 
     @triton.jit
-    def _key_rows(offs_j, g, G, N, S, S_DIV):
-        """Map virtual key indices of group ``g`` to (row offset helpers): returns (src_group, src_token, valid).
-
-        ``j < G*S`` is shared token ``j % S`` of group ``j // S`` (group-major, as the reference concatenates);
-        ``j >= G*S`` is the group's own token ``j - G*S + S``."""
-        GS = G * S
-        is_shared = offs_j < GS
-        sg = offs_j // S_DIV  # S_DIV = max(S, 1): with S == 0 no key is shared and this value is unused
-        src_g = tl.where(is_shared, sg, g)
-        src_n = tl.where(is_shared, offs_j - sg * S_DIV, offs_j - GS + S)
-        valid = offs_j < GS + N - S
-        return src_g, src_n, valid
+    def _key_rows(offs_j, g, GS, s_qg, s_qn, S: tl.constexpr):
+        """Element offsets (within one batch entry of ``qkv``) of the rows behind virtual keys ``offs_j`` of group
+        ``g``: ``j < G*S`` is shared token ``j % S`` of group ``j // S`` (group-major, as the reference
+        concatenates), ``j >= G*S`` the group's own token ``j - G*S + S``. ``S`` is a constexpr, so ``j // S`` is a
+        multiply-high and a shift, not an integer division (GTPT launches S = 0 and 6 only)."""
+        if S == 0:
+            return g * s_qg + offs_j * s_qn
+        else:
+            sg = offs_j // S
+            shared = offs_j < GS
+            src_g = tl.where(shared, sg, g)
+            src_n = tl.where(shared, offs_j - sg * S, offs_j - GS + S)
+            return src_g * s_qg + src_n * s_qn
 
     @triton.jit
-    def _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN: tl.constexpr):
-        """Mask a (query rows x virtual keys) logit tile with -inf. With PAD_TOKEN, GTPT's official masking:
-        virtual key 0 (the pad token) is masked for every query but the pad query row, whose logits are all
-        masked in the official code (-finfo.max: all equal) and are set to 0 here: a uniform softmax."""
-        valid = k_valid[None, :]
-        if PAD_TOKEN:
-            qk = tl.where(pad_row[:, None], 0.0, qk)
-            valid = valid & (pad_row[:, None] | (offs_j != 0)[None, :])
-        return tl.where(valid, qk, float("-inf"))
+    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+                  qk_scale,
+                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
+                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """One key tile of the online softmax. BOUNDS masks keys >= L (only the first and the last tile);
+        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile)."""
+        offs_j = start + tl.arange(0, BLOCK_N)
+        rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+        if BOUNDS:
+            kv_mask = (offs_j < L)[:, None] & d_mask
+        else:
+            kv_mask = d_mask
+        k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST)
+        if not POS_SCALE:
+            qk = qk * qk_scale
+        if BOUNDS:
+            qk = tl.where((offs_j < L)[None, :], qk, float("-inf"))
+        if PAD_KEY:
+            qk = tl.where((offs_j == 0)[None, :] & not_pad_row[:, None], float("-inf"), qk)
+        if POS_SCALE:
+            # scale > 0 commutes with the max: one FFMA per logit (scale, subtract) instead of FMUL + FADD.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if POS_SCALE:
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        else:
+            p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, DOT_PREC, UPCAST)
+        return acc, m_new, l_i
 
     @triton.jit
     def _mhga_fwd_kernel(
         QKV, O, LSE,
         s_qb, s_qg, s_qn, s_qc,
         s_ob, s_og, s_on,
-        G, N, S, S_DIV, C,
+        G, N, C,
         qk_scale,
+        S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -158,42 +194,52 @@ if triton is not None:
         H = tl.num_programs(1)
         b = pid_bg // G
         g = pid_bg - b * G
-        L = G * S + N - S
+        GS = G * S
+        L = GS + N - S
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < N
-        d_valid = offs_d < HEAD_DIM
+        d_mask = (offs_d < HEAD_DIM)[None, :]
 
         base = QKV + b.to(tl.int64) * s_qb
         q_cols = (h * HEAD_DIM + offs_d) * s_qc
         k_cols = (C + h * HEAD_DIM + offs_d) * s_qc
         v_cols = (2 * C + h * HEAD_DIM + offs_d) * s_qc
-        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :],
-                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        pad_row = (offs_m + g) == 0  # the pad query (g=0, n=0); g, n >= 0
+        not_pad_row = (offs_m + g) != 0  # the pad query is (g=0, n=0); g, n >= 0
+        q_mask = m_valid[:, None] & d_mask
+        if PAD_TOKEN:
+            # The pad row's logits are all equal in the official layer (a uniform softmax over every key, the pad
+            # key included): a zero query row gives exactly that (all logits 0) without a per-logit select.
+            q_mask = q_mask & not_pad_row[:, None]
+        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        for start in range(0, L, BLOCK_N):
-            offs_j = start + tl.arange(0, BLOCK_N)
-            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
-            rows = src_g * s_qg + src_n * s_qn
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-            qk = _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, DOT_PREC, UPCAST)
-            m_i = m_new
+        if PEEL:
+            # Masks only where they apply: the first tile (pad key, and the bounds if it is also the last), the
+            # full tiles in between unmasked, the partial last tile with the bounds mask.
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                                      not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC,
+                                      UPCAST)
+            full_end = (L // BLOCK_N) * BLOCK_N
+            for start in range(BLOCK_N, full_end, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE,
+                                          DOT_PREC, UPCAST)
+            if (full_end >= BLOCK_N) & (full_end < L):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE,
+                                          DOT_PREC, UPCAST)
+        else:
+            # One loop, every tile masked: a third of the code (fp32 FMA dots, where masks cost little next to
+            # the dot and three inlined copies of the tile spill registers and double compile times).
+            for start in range(0, L, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
+                                          DOT_PREC, UPCAST)
 
         has_keys = l_i > 0.0
         l_safe = tl.where(has_keys, l_i, 1.0)
@@ -202,9 +248,39 @@ if triton is not None:
         lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
 
         o_ptrs = O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + (h * HEAD_DIM + offs_d)[None, :]
-        tl.store(o_ptrs, _cast(out, O.dtype.element_ty, UPCAST), mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(o_ptrs, _cast(out, O.dtype.element_ty, UPCAST), mask=m_valid[:, None] & d_mask)
         lse_row = (pid_bg.to(tl.int64) * H + h) * N
         tl.store(LSE + lse_row + offs_m, lse, mask=m_valid)
+
+    @triton.jit
+    def _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+                 qk_scale,
+                 S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
+                 POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+        if BOUNDS:
+            kv_mask = (offs_j < L)[:, None] & d_mask
+        else:
+            kv_mask = d_mask
+        k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        # Same logits as the forward, so P is recomputed consistently with the stored LSE (masked entries are
+        # -inf there, so exp2 gives exactly 0).
+        qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST)
+        if not POS_SCALE:
+            qk = qk * qk_scale
+        if BOUNDS:
+            qk = tl.where((offs_j < L)[None, :], qk, float("-inf"))
+        if PAD_KEY:
+            qk = tl.where((offs_j == 0)[None, :] & not_pad_row[:, None], float("-inf"), qk)
+        if POS_SCALE:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        else:
+            p = tl.math.exp2(qk - lse[:, None])
+        dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(_cast(ds, k.dtype, UPCAST), k, DOT_PREC, UPCAST)
 
     @triton.jit
     def _mhga_bwd_dq_kernel(
@@ -213,10 +289,12 @@ if triton is not None:
         s_ob, s_og, s_on,
         s_db, s_dg, s_dn, s_dc,
         s_gb, s_gg, s_gn,
-        G, N, S, S_DIV, C,
+        G, N, C,
         qk_scale, scale,
+        S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -224,18 +302,22 @@ if triton is not None:
         H = tl.num_programs(1)
         b = pid_bg // G
         g = pid_bg - b * G
-        L = G * S + N - S
+        GS = G * S
+        L = GS + N - S
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < N
-        d_valid = offs_d < HEAD_DIM
-        md_mask = m_valid[:, None] & d_valid[None, :]
-        pad_row = (offs_m + g) == 0  # the pad query (g=0, n=0); g, n >= 0
+        d_mask = (offs_d < HEAD_DIM)[None, :]
+        md_mask = m_valid[:, None] & d_mask
+        not_pad_row = (offs_m + g) != 0  # the pad query (g=0, n=0); g, n >= 0
 
         base = QKV + b.to(tl.int64) * s_qb
         hd = h * HEAD_DIM + offs_d
-        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
+        q_mask = md_mask
+        if PAD_TOKEN:
+            q_mask = q_mask & not_pad_row[:, None]  # zero pad row: its logits are exactly 0, as in the forward
+        q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + b.to(tl.int64) * s_db + g * s_dg + offs_m[:, None] * s_dn + (hd * s_dc)[None, :],
                      mask=md_mask, other=0.0)
         o = tl.load(O + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None] * s_on + hd[None, :],
@@ -244,31 +326,67 @@ if triton is not None:
         row = (pid_bg.to(tl.int64) * H + h) * N
         tl.store(DELTA + row + offs_m, delta, mask=m_valid)
         lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+        if PAD_TOKEN:
+            # The pad row's logits are constants: no gradient through them. With its dO and delta zeroed here,
+            # dS = P * (dO.V^T - delta) is exactly 0 on that row without a per-logit select.
+            do = tl.where(not_pad_row[:, None], do, 0.0)
+            delta = tl.where(not_pad_row, delta, 0.0)
 
         k_cols = (C + hd) * s_qc
         v_cols = (2 * C + hd) * s_qc
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, L, BLOCK_N):
-            offs_j = start + tl.arange(0, BLOCK_N)
-            src_g, src_n, k_valid = _key_rows(offs_j, g, G, N, S, S_DIV)
-            rows = src_g * s_qg + src_n * s_qn
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-            # Same expression as the forward, so P is recomputed consistently with the stored LSE (masked
-            # entries are -inf there, so exp2 gives exactly 0).
-            qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-            qk = _pad_logits(qk, pad_row, offs_j, k_valid, PAD_TOKEN)
-            p = tl.math.exp2(qk - lse[:, None])
-            dp = _dot(do, tl.trans(v), DOT_PREC, UPCAST)
-            ds = p * (dp - delta[:, None])
-            if PAD_TOKEN:
-                ds = tl.where(pad_row[:, None], 0.0, ds)  # constant logits: no gradient through them
-            dq += _dot(_cast(ds, k.dtype, UPCAST), k, DOT_PREC, UPCAST)
+        if PEEL:
+            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+            full_end = (L // BLOCK_N) * BLOCK_N
+            for start in range(BLOCK_N, full_end, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST)
+            if (full_end >= BLOCK_N) & (full_end < L):
+                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST)
+        else:
+            for start in range(0, L, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
+                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
         tl.store(dq_ptrs, _cast(dq, DQKV.dtype.element_ty, UPCAST), mask=md_mask)
+
+    @triton.jit
+    def _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N, s_qn, s_dn, q_cols, do_cols,
+                    d_mask, qk_scale,
+                    BLOCK_M: tl.constexpr, M_BOUNDS: tl.constexpr, PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr,
+                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """One query tile's contribution to a key tile's dk/dv, on the transposed (keys x queries) tile so the
+        reductions run along axis 1. M_BOUNDS (the partial last query tile only) zeroes P past N."""
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < N
+        q_mask = m_valid[:, None] & d_mask
+        if PAD_TOKEN:
+            pad_col = (offs_m + gq) == 0  # the pad query (gq=0, m=0)
+            # A zero pad query gives its constant (0) logits, and its dS cannot reach dk (dk += dS.q).
+            q_mask = q_mask & (~pad_col)[:, None]
+        q = tl.load(q_base + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dn + do_cols[None, :], mask=m_valid[:, None] & d_mask,
+                     other=0.0)
+        # Unmasked loads at clamped indices (rows past N repeat row N-1; M_BOUNDS zeroes their P): a masked load
+        # here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
+        offs_m_in = tl.minimum(offs_m, N - 1)
+        lse = tl.load(LSE + row + offs_m_in)
+        delta = tl.load(DELTA + row + offs_m_in)
+        qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # no max here: any sign of the scale is fine
+        if M_BOUNDS:
+            p_t = tl.where(m_valid[None, :], p_t, 0.0)
+        # The pad key (virtual key 0) is a key of the pad query only: its row is left unmasked here and replaced
+        # after the loops (rows of dk/dv are independent), so no tile pays a per-element select for it.
+        dv += _dot(_cast(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
+        dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(_cast(ds_t, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
+        return dk, dv
 
     @triton.jit
     def _mhga_bwd_dkdv_kernel(
@@ -276,76 +394,92 @@ if triton is not None:
         s_qb, s_qg, s_qn, s_qc,
         s_db, s_dg, s_dn, s_dc,
         s_gb, s_gg, s_gn,
-        G, N, S, C,
+        G, N, C, N_OWN, N_OWN_DIV, N_SHARED_TILES,
         qk_scale, scale,
+        S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAD_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        PEEL: tl.constexpr,
     ):
-        # Program = (batch*group, head, tile of BLOCK_N tokens of that group), computing dk/dv of those tokens
-        # as keys. Tokens n < S are shared keys of every group; tokens n >= S belong to their own group only.
+        # Work items per (batch, head), over virtual keys: N_SHARED_TILES tiles of the G*S shared keys (every
+        # query group sees them) and, per group, N_OWN tiles of its N - S own keys (its own queries only). So a
+        # shared key never shares a tile with own keys, whose rows would idle while other groups' queries run.
+        # Slot u = (group index of program axis 0) * n_t + axis 2, n_t = number of programs on axis 2: slot u
+        # runs own tile u (u < G*N_OWN) and, after it, shared tile (u - G*N_OWN) mod (G*n_t) if that exists.
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
-        pid_n = tl.program_id(2)
+        n_t = tl.num_programs(2)
         H = tl.num_programs(1)
         b = pid_bg // G
-        g = pid_bg - b * G
-        start_n = pid_n * BLOCK_N
+        u = (pid_bg - b * G) * n_t + tl.program_id(2)
+        GS = G * S
+        L = GS + N - S
+        n_own_all = G * N_OWN
+        n_slots = G * n_t
+        s_tile = (u - n_own_all + n_slots) % n_slots
 
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        n_valid = offs_n < N
-        d_valid = offs_d < HEAD_DIM
-        nd_mask = n_valid[:, None] & d_valid[None, :]
-        key_ok = n_valid
-        not_pad_key = (offs_n + g) != 0  # the pad key (g=0, n=0) is a key of the pad query row only
-
+        d_mask = (offs_d < HEAD_DIM)[None, :]
         base = QKV + b.to(tl.int64) * s_qb
         hd = h * HEAD_DIM + offs_d
-        k = tl.load(base + g * s_qg + offs_n[:, None] * s_qn + ((C + hd) * s_qc)[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(base + g * s_qg + offs_n[:, None] * s_qn + ((2 * C + hd) * s_qc)[None, :], mask=nd_mask,
-                    other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        k_cols = (C + hd) * s_qc
+        v_cols = (2 * C + hd) * s_qc
+        q_cols = hd * s_qc
+        do_cols = hd * s_dc
 
-        for gq in range(0, G):
-            # Fixed group order: the shared keys' gradient is a deterministic sum over the query groups.
-            if (gq == g) | (start_n < S):
-                # Own group: all its tokens are keys; another group: only the shared ones (n < S).
-                k_valid = key_ok & (offs_n < S + (gq == g).to(tl.int32) * N)
-                q_base = base + gq * s_qg
-                do_base = DO + b.to(tl.int64) * s_db + gq * s_dg
-                row = ((b * G + gq).to(tl.int64) * H + h) * N
-                for start_m in range(0, N, BLOCK_M):
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    m_valid = offs_m < N
-                    md_mask = m_valid[:, None] & d_valid[None, :]
-                    q = tl.load(q_base + offs_m[:, None] * s_qn + (hd * s_qc)[None, :], mask=md_mask, other=0.0)
-                    do = tl.load(do_base + offs_m[:, None] * s_dn + (hd * s_dc)[None, :], mask=md_mask, other=0.0)
-                    # Unmasked loads at clamped indices (rows past N repeat row N-1; p_t masks them below): a
-                    # masked load here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
-                    offs_m_in = tl.minimum(offs_m, N - 1)
-                    lse = tl.load(LSE + row + offs_m_in)
-                    delta = tl.load(DELTA + row + offs_m_in)
-                    # Transposed tile (keys x queries): the reductions below are over queries, along axis 1.
-                    qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
-                    valid_t = k_valid[:, None] & m_valid[None, :]
-                    if PAD_TOKEN:
-                        pad_col = (offs_m + gq) == 0  # the pad query (gq=0, m=0)
-                        qk_t = tl.where(pad_col[None, :], 0.0, qk_t)
-                        valid_t = valid_t & (pad_col[None, :] | not_pad_key[:, None])
-                    p_t = tl.math.exp2(qk_t - lse[None, :])
-                    p_t = tl.where(valid_t, p_t, 0.0)
-                    dv += _dot(_cast(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
-                    dp_t = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
-                    ds_t = p_t * (dp_t - delta[None, :])
-                    if PAD_TOKEN:
-                        ds_t = tl.where(pad_col[None, :], 0.0, ds_t)  # constant logits: no gradient through them
-                    dk += _dot(_cast(ds_t, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
-
-        dk = dk * scale
-        g_base = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_n[:, None] * s_gn
-        tl.store(g_base + (C + hd)[None, :], _cast(dk, DQKV.dtype.element_ty, UPCAST), mask=nd_mask)
-        tl.store(g_base + (2 * C + hd)[None, :], _cast(dv, DQKV.dtype.element_ty, UPCAST), mask=nd_mask)
+        for job in range(0, 2):
+            own = job == 0
+            active = (own & (u < n_own_all)) | ((job == 1) & (s_tile < N_SHARED_TILES))
+            if active:
+                g_own = u // N_OWN_DIV
+                g = tl.where(own, g_own, 0)
+                js = tl.where(own, GS + (u - g_own * N_OWN) * BLOCK_N, s_tile * BLOCK_N)
+                je = tl.where(own, L, GS)
+                gq_lo = tl.where(own, g, 0)
+                gq_hi = tl.where(own, g + 1, G)
+                offs_j = js + tl.arange(0, BLOCK_N)
+                rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+                kv_mask = (offs_j < je)[:, None] & d_mask
+                k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+                dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                full_end = (N // BLOCK_M) * BLOCK_M
+                for gq in range(gq_lo, gq_hi):
+                    # Fixed group order: the shared keys' gradient is a deterministic sum over the query groups.
+                    q_base = base + gq * s_qg
+                    do_base = DO + b.to(tl.int64) * s_db + gq * s_dg
+                    row = ((b * G + gq).to(tl.int64) * H + h) * N
+                    if PEEL:
+                        for start_m in range(0, full_end, BLOCK_M):
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, False,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                        if full_end < N:
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, full_end, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                    else:
+                        for start_m in range(0, N, BLOCK_M):
+                            dk, dv = _dkdv_qtile(dk, dv, k, v, q_base, do_base, LSE, DELTA, row, start_m, gq, N,
+                                                 s_qn, s_dn, q_cols, do_cols, d_mask, qk_scale, BLOCK_M, True,
+                                                 PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                dk = dk * scale
+                if PAD_TOKEN:
+                    # The pad key (shared token 0 of group 0, virtual key 0) is a key of the pad query only, whose
+                    # logits are constants: dk = 0 and dv = P(pad row, key 0) * dO(pad row) = dO(pad) / L, where
+                    # P = exp2(0 - LSE(pad row)) as the other tiles recompute it.
+                    key0 = (offs_j == 0)[:, None]
+                    do_pad = tl.load(DO + b.to(tl.int64) * s_db + hd * s_dc, mask=offs_d < HEAD_DIM, other=0.0)
+                    p_pad = tl.math.exp2(0.0 - tl.load(LSE + (b * G).to(tl.int64) * H * N + h * N))
+                    dk = tl.where(key0, 0.0, dk)
+                    dv = tl.where(key0, (p_pad * do_pad.to(tl.float32))[None, :], dv)
+                g_base = DQKV + b.to(tl.int64) * s_gb
+                g_rows = _key_rows(offs_j, g, GS, s_gg, s_gn, S)
+                tl.store(g_base + g_rows[:, None] + (C + hd)[None, :], _cast(dk, DQKV.dtype.element_ty, UPCAST),
+                         mask=kv_mask)
+                tl.store(g_base + g_rows[:, None] + (2 * C + hd)[None, :], _cast(dv, DQKV.dtype.element_ty, UPCAST),
+                         mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,9 +504,18 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
                     num_warps=4, dkdv_warps=4, num_stages=1)
     # GPU: GTPT rows are short (31..300). 32-row query tiles keep partial-tile waste low at N=82 (3x32 vs 2x64)
     # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
+    if dtype != torch.float32 and block_d <= 64:
+        # 16-bit tensor-core dots: 32 x 32 tiles everywhere, one warp per 16 rows of the tile whose rows own the
+        # softmax and the reductions (queries in the forward and dq, keys in dk/dv). 4 warps on a 32-row tile
+        # made Triton replicate the tile per warp pair (sm_90 SASS: every HMMA issued twice). Static sm_90 cost
+        # estimates at B=128 (benchmarks/static_cost.py, README) picked 32-key tiles over 64 at every GTPT shape
+        # (fine: 94 keys = 3 x 32 instead of 2 x 64) and 32-row over 64-row query tiles at N > 96 (within 5%).
+        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
+                    dkdv_warps=2, num_stages=2)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
+    bwd_m = 32
     num_warps = 8 if block_d >= 128 else 4
     dkdv_warps = num_warps
     if dtype == torch.float32 and block_d >= 32:
@@ -384,8 +527,15 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         if block_d >= 64:
             fwd_n = 32
             dkdv_warps = 8  # k, v, dk, dv (32 x 64 fp32 each) stay live across the query loop
-    return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=32, bwd_n=bwd_n, block_d=block_d, num_warps=num_warps,
+    return dict(fwd_m=fwd_m, fwd_n=fwd_n, bwd_m=bwd_m, bwd_n=bwd_n, block_d=block_d, num_warps=num_warps,
                 dkdv_warps=dkdv_warps, num_stages=2)
+
+
+def _peel(cfg: dict, dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether the kernels peel their masked tiles (first/last key tile, last query tile of dk/dv) out of the
+    main loops. Yes for 16-bit tensor-core dots; no for compiled fp32 (see the kernels); always under the
+    interpreter, so that CI runs the peeled code (tests/test_group_attention.py also runs the one-loop form)."""
+    return cfg.get("peel", interpret or dtype != torch.float32)
 
 
 def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -429,11 +579,11 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
             qkv, out, lse,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
-            G, N, S, max(S, 1), C,
+            G, N, C,
             scale * _LOG2E,
-            HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
-            PAD_TOKEN=pad_token, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
-            UPCAST=interpret and qkv.dtype == torch.bfloat16,
+            S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
+            PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
+            UPCAST=interpret and qkv.dtype == torch.bfloat16, PEEL=_peel(cfg, qkv.dtype, interpret),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
@@ -453,8 +603,8 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
         return dqkv
     prec = _dot_precision(qkv.dtype, fp32_precision)
     upcast = interpret and qkv.dtype == torch.bfloat16
-    common = dict(HEAD_DIM=D, BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, DOT_PREC=prec, UPCAST=upcast,
-                  num_stages=cfg["num_stages"])
+    common = dict(S=S, HEAD_DIM=D, BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=prec,
+                  UPCAST=upcast, PEEL=_peel(cfg, qkv.dtype, interpret), num_stages=cfg["num_stages"])
     q_strides = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3))
     do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
@@ -462,13 +612,18 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg["fwd_m"])),
             qkv, out, grad_out, lse, delta, dqkv,
             *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
-            G, N, S, max(S, 1), C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg["num_warps"], **common)
-    _launch(_mhga_bwd_dkdv_kernel, (B * G, heads, triton.cdiv(N, cfg["bwd_n"])),
+            G, N, C, scale * _LOG2E, scale,
+            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg.get("dq_warps", cfg["num_warps"]), **common)
+    # dk/dv work items: shared-key tiles and per-group own-key tiles, spread over the (B*G, H, cdiv(N, bwd_n))
+    # grid (see the kernel); there are always enough slots: G*cdiv(N - S) own tiles and cdiv(G*S) <= G*cdiv(S).
+    bwd_n = cfg["bwd_n"]
+    n_own = triton.cdiv(N - S, bwd_n)
+    _launch(_mhga_bwd_dkdv_kernel, (B * G, heads, triton.cdiv(N, bwd_n)),
             qkv, grad_out, lse, delta, dqkv,
             *q_strides, *do_strides, *g_strides,
-            G, N, S, C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common)
+            G, N, C, n_own, max(n_own, 1), triton.cdiv(G * S, bwd_n), scale * _LOG2E, scale,
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common,
+            **({"maxnreg": cfg["dkdv_maxnreg"]} if cfg.get("dkdv_maxnreg") else {}))
     return dqkv
 
 
