@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# gtpt export / PoseEstimator(runtime=...): ONNX (TorchScript and dynamo exporters) and ONNX Runtime on the CPU.
+# The test extra includes them, so CI exercises the exports.
+DEPLOY = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"]
+
 setup(
     name="gtpt-kernels",
     version="0.1.0",
@@ -17,7 +21,7 @@ setup(
         "matplotlib",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"deploy": DEPLOY, "test": ["pytest", "pytest-benchmark"] + DEPLOY},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},
     license="MIT",
 )

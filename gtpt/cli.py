@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference import add_infer_arguments, run_inference_cli
     add_infer_arguments(sub.add_parser("infer", help="estimate poses on images from person boxes; JSON + drawings")
                         ).set_defaults(func=run_inference_cli)
+
+    from .export import add_export_arguments, run_export_cli
+    add_export_arguments(sub.add_parser("export", help="export a variant to ONNX or a .pt2 (AOTInductor) package")
+                         ).set_defaults(func=run_export_cli)
     return p
 
 

@@ -21,6 +21,7 @@ from gtpt_kernels.backend import BACKENDS
 
 from .checkpoint import load_official_checkpoint
 from .config import list_variants
+from .export import RUNTIMES, ExportedRunner
 from .evaluate import (IN_VIS_THRESHOLD, OKS_NMS_THRESHOLD, oks_nms_indices, predict_crops, rescore, to_image_coords,
                        write_results)
 from .model import GTPT, build_model
@@ -71,16 +72,28 @@ class PoseEstimator:
 
     ``model_or_variant``: a :class:`gtpt.model.GTPT` (used as is, on its device unless ``device`` is given) or a
     variant name, built with ``backend`` and loaded from ``checkpoint`` (an official ``.pth``); a name without a
-    checkpoint gives random weights and a :class:`RandomWeightsWarning`. The model is put in eval mode."""
+    checkpoint gives random weights and a :class:`RandomWeightsWarning`. The model is put in eval mode.
+
+    ``runtime``: ``"torch"`` (eager), ``"onnxruntime"`` (CPU) or ``"pt2"`` (AOTInductor) runs the forward; the
+    crops, flip test and decoding are the same for all. ``exported``: the ``.onnx`` / ``.pt2`` file to run
+    (``gtpt export``); without it the model is exported when the estimator is made (a ``.pt2`` compile takes
+    minutes on a CPU). ``threads``: ONNX Runtime's intra-op threads. See :class:`gtpt.export.ExportedRunner`."""
 
     def __init__(self, model_or_variant: Union[GTPT, str], checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Optional[Union[str, torch.device]] = None, backend: str = "auto", flip_test: bool = True,
-                 batch_size: int = 32):
+                 batch_size: int = 32, runtime: str = "torch", exported: Optional[Union[str, os.PathLike]] = None,
+                 threads: Optional[int] = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        if runtime == "onnxruntime" and device is None:
+            device = "cpu"
+        if exported is not None and runtime == "torch":
+            raise ValueError("an exported file needs runtime 'onnxruntime' or 'pt2'")
         if isinstance(model_or_variant, GTPT):
             model = model_or_variant
         else:
             model = build_model(model_or_variant, backend=backend)
-            if checkpoint is None:
+            if checkpoint is None and exported is None:  # an exported file carries its own weights
                 warnings.warn(f"{model.cfg.name} has random weights (no checkpoint): its keypoints are meaningless",
                               RandomWeightsWarning, stacklevel=2)
         if checkpoint is not None:
@@ -94,6 +107,10 @@ class PoseEstimator:
         self.model = model.to(self.device).eval()
         self.flip_test = flip_test
         self.batch_size = batch_size
+        self.runtime = runtime
+        # what runs the forward: the model itself, or an exported file with the model's cfg and eval-mode call
+        self._forward = self.model if runtime == "torch" else ExportedRunner(
+            runtime, model.cfg, exported, model=self.model, device=self.device, threads=threads)
 
     @property
     def num_keypoints(self) -> int:
@@ -111,7 +128,7 @@ class PoseEstimator:
             cs = [box_to_center_scale(b, aspect_ratio=crop_wh[0] / crop_wh[1]) for b in chunk]
             crops = torch.stack([to_model_input(warp_affine(img, get_affine_transform(c, s, 0.0, crop_wh), crop_wh))
                                  for c, s in cs]).to(self.device)
-            coords, conf = predict_crops(self.model, crops, self.flip_test)
+            coords, conf = predict_crops(self._forward, crops, self.flip_test)
             centers, scales = np.array([c for c, _ in cs]), np.array([s for _, s in cs])
             out[start:start + len(chunk), :, :2] = to_image_coords(coords, centers, scales, 0.0, crop_wh)
             out[start:start + len(chunk), :, 2] = conf
@@ -198,6 +215,10 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gtpt_kernels backend (default auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward (default 32)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="what runs the model: torch (eager, default), onnxruntime (CPU) or pt2 (AOTInductor)")
+    parser.add_argument("--exported", metavar="FILE",
+                        help="the .onnx / .pt2 file for --runtime (from gtpt export); default: export on the fly")
     return parser
 
 
@@ -270,13 +291,16 @@ def run_inference_cli(args: argparse.Namespace) -> int:
             if not isinstance(detections, list):
                 raise ValueError(f"{args.detections}: expected a JSON list of detections")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if args.checkpoint is None:
+        if args.device == "auto" and getattr(args, "runtime", "torch") == "onnxruntime":
+            device = "cpu"  # ONNX Runtime's CPU execution provider
+        if args.checkpoint is None and not getattr(args, "exported", None):
             print(f"gtpt infer: warning: no --checkpoint, {args.variant} has random weights; the keypoints are "
                   f"meaningless", file=sys.stderr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
             est = PoseEstimator(args.variant, args.checkpoint, device=device, backend=args.backend,
-                                flip_test=not args.no_flip, batch_size=args.batch_size)
+                                flip_test=not args.no_flip, batch_size=args.batch_size,
+                                runtime=getattr(args, "runtime", "torch"), exported=getattr(args, "exported", None))
         entries: List[Dict[str, Any]] = []
         drawings = []
         for path in args.images:
