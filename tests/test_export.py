@@ -83,7 +83,8 @@ def test_onnx_topk_keeps_the_tie_rule(tmp_path, opset):
     example = _tied_scores(0, (4, 256))
     kw = dict(input_names=["scores"], output_names=["index"], opset_version=opset)
     if opset == 17:
-        torch.onnx.export(_TopK(100).eval(), (example,), str(path), dynamo=False, dynamic_axes={"scores": {0: "n"}}, **kw)
+        torch.onnx.export(_TopK(100).eval(), (example,), str(path), dynamo=False, dynamic_axes={"scores": {0: "n"}},
+                          **kw)
     else:
         torch.onnx.export(_TopK(100).eval(), (example,), str(path), dynamo=True,
                           dynamic_shapes={"scores": {0: torch.export.Dim("n", max=64)}}, **kw)
