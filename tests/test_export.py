@@ -173,12 +173,12 @@ def test_onnx_dynamo_exporter_matches_eager(models, exports, inputs, one_thread)
     """opset >= 18 goes through the torch.export-based exporter: same outputs."""
     import onnx
 
-    path = exports("gtpt-t-wholebody", "onnx18")
+    path = exports("gtpt-t", "onnx18")
     proto = onnx.load(str(path))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 18
     sess = load_onnx_session(path, threads=1)
     outs = {b: [torch.from_numpy(o) for o in sess.run(None, {"images": x.numpy()})] for b, x in inputs.items()}
-    _check_against_eager(models("gtpt-t-wholebody"), outs, inputs)
+    _check_against_eager(models("gtpt-t"), outs, inputs)
 
 
 def test_onnx_export_of_a_model_with_tied_scores(models, tmp_path, inputs, one_thread):
