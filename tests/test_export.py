@@ -102,13 +102,17 @@ def test_onnx_topk_keeps_the_tie_rule(tmp_path, opset):
 
 @pytest.fixture(scope="module")
 def models():
-    """One seeded random-weight model per variant (reference ops, eval), shared by every test here."""
+    """One seeded random-weight model per variant (reference ops, eval, heads scaled up), shared here."""
     cache = {}
 
     def get(variant):
         if variant not in cache:
             torch.manual_seed(list_variants().index(variant))
-            cache[variant] = gtpt.build_model(variant, backend="reference").eval()
+            model = gtpt.build_model(variant, backend="reference").eval()
+            with torch.no_grad():  # peaked SimCC logits, as a trained model has: an untrained head is so flat
+                for head in (model.mlp_head_x, model.mlp_head_y):  # that 1e-6 noise flips its argmax
+                    head[1].weight.mul_(50.0)
+            cache[variant] = model
         return cache[variant]
     return get
 
@@ -272,9 +276,12 @@ def test_pose_estimator_runtimes_give_the_same_keypoints(models, exports, coco_t
 
     image = os.path.join(coco_tiny, "images", IMAGE)
     model = models("gtpt-t")
-    ref = PoseEstimator(model, device="cpu")(image, BOXES)
+    # No flip test: on an untrained model the logits barely depend on the image, so averaging them with their
+    # flipped-back copy makes mirror-image x bins tie exactly and 1e-6 noise picks either (measured: 1 of 68
+    # coordinates moved by one bin). The flip test is the same host code for every runtime.
+    ref = PoseEstimator(model, device="cpu", flip_test=False)(image, BOXES)
     for runtime, kind in (("onnxruntime", "onnx"), ("pt2", "pt2")):
-        est = PoseEstimator(model, device="cpu", runtime=runtime, exported=exports("gtpt-t", kind))
+        est = PoseEstimator(model, device="cpu", runtime=runtime, exported=exports("gtpt-t", kind), flip_test=False)
         kps = est(image, BOXES)
         np.testing.assert_array_equal(kps[..., :2], ref[..., :2])
         np.testing.assert_allclose(kps[..., 2], ref[..., 2], rtol=RTOL)
@@ -297,7 +304,7 @@ def test_infer_cli_runtime(models, exports, coco_tiny, tmp_path, capsys, one_thr
     for runtime in ("onnxruntime", "torch"):
         out = tmp_path / f"{runtime}.json"
         argv = ["infer", image, "--box", "30,20,120,280", "--variant", "gtpt-t", "-o", str(out), "--device", "cpu",
-                "--backend", "reference", "--no-nms"]
+                "--backend", "reference", "--no-nms", "--no-flip"]
         if runtime == "torch":  # the eager model with the same weights, from a checkpoint file
             ckpt = tmp_path / "w.pth"
             torch.save({f"ema_{k}": v for k, v in models("gtpt-t").state_dict().items()}, ckpt)
