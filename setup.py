@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# gtpt export / PoseEstimator(runtime=...): ONNX (TorchScript and dynamo exporters) and ONNX Runtime on the CPU.
+# The test extra includes them, so CI exercises the exports.
+DEPLOY = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"]
+
 setup(
     name="gtpt-kernels",
     version="0.1.0",
@@ -18,7 +22,8 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"video": ["av"], "test": ["pytest", "pytest-benchmark", "av"]},
+    # video: gtpt infer on video files (PyAV, FFmpeg's libraries in the wheel); deploy: see above.
+    extras_require={"video": ["av"], "deploy": DEPLOY, "test": ["pytest", "pytest-benchmark", "av"] + DEPLOY},
     entry_points={"console_scripts": ["gtpt=gtpt.cli:main"]},
     license="MIT",
 )

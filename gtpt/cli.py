@@ -16,7 +16,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from .cli_options import (EVAL_DESCRIPTION, INFER_DESCRIPTION, PROFILE_BACKENDS, PROFILE_DTYPES,
-                          PROFILE_MODES, add_eval_arguments, add_infer_arguments, nonneg_int, positive_int)
+                          PROFILE_MODES, add_eval_arguments, add_export_arguments, add_infer_arguments, nonneg_int,
+                          positive_int)
 from .config import get_config, list_variants
 from .errors import DEBUG_ENV, exit_code, one_line
 
@@ -351,6 +352,11 @@ def _run_infer(args):
     return run_inference_cli(args)
 
 
+def _run_export(args):
+    from .export import run_export_cli
+    return run_export_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Torch-free (gtpt.cli_options): `gtpt --help` and `gtpt X --help` answer without importing torch.
     BACKENDS, DTYPES, MODES = PROFILE_BACKENDS, PROFILE_DTYPES, PROFILE_MODES
@@ -434,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(sub.add_parser("infer", help="poses on images, folders and videos from person boxes; JSON + "
                                                      "drawings", description=INFER_DESCRIPTION)
                         ).set_defaults(func=_run_infer)
+
+    add_export_arguments(sub.add_parser("export", help="export a variant to ONNX or a .pt2 (AOTInductor) package",
+                                        description="Export a variant (random weights, or --checkpoint) for "
+                                                    "deployment: ONNX (input 'images', outputs 'simcc_x', "
+                                                    "'simcc_y'; dynamic batch) or a .pt2 AOTInductor package.")
+                         ).set_defaults(func=_run_export)
     return p
 
 
@@ -445,7 +457,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = [a for a in argv if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"
     command = next((a for a in argv if not a.startswith("-")), None)
-    prog = f"gtpt {command}" if command in ("summary", "flops", "profile", "env", "train", "synth", "eval", "infer") else "gtpt"
+    prog = f"gtpt {command}" if command in ("summary", "flops", "profile", "env", "train", "synth", "eval", "infer",
+                                                   "export") else "gtpt"
     try:
         return _main(argv)
     except SystemExit:

@@ -17,6 +17,9 @@ PROFILE_BACKENDS = ("reference", "triton", "compile", "compile-reduce-overhead",
 PROFILE_DTYPES = ("fp32", "bf16", "fp16")                         # gtpt.profiler.DTYPES
 PROFILE_MODES = ("inference", "train")                            # gtpt.profiler.MODES
 AMP_NAMES = ("none", "bf16", "fp16")                              # gtpt.train.AMP_DTYPES
+RUNTIME_NAMES = ("torch", "onnxruntime", "pt2")                   # gtpt.export.RUNTIMES
+EXPORT_FORMATS = ("onnx", "pt2")                                  # gtpt.export.FORMATS
+EXPORT_MIN_OPSET = 17                                             # gtpt.export.MIN_OPSET
 IN_VIS_THRESHOLD = 0.01                                           # gtpt.evaluate.IN_VIS_THRESHOLD (official)
 OKS_NMS_THRESHOLD = 0.9                                           # gtpt.evaluate.OKS_NMS_THRESHOLD (official)
 
@@ -124,4 +127,23 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="gtpt_kernels backend (default auto)")
     parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="crops per forward, across images and video frames (default 32)")
+    parser.add_argument("--runtime", choices=RUNTIME_NAMES, default="torch",
+                        help="what runs the model: torch (eager, default), onnxruntime (CPU) or pt2 (AOTInductor)")
+    parser.add_argument("--exported", metavar="FILE",
+                        help="the .onnx / .pt2 file for --runtime (from gtpt export); default: export on the fly")
+    return parser
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``gtpt export`` options (run by :func:`gtpt.export.run_export_cli`)."""
+    parser.add_argument("variant", help=f"model variant: {', '.join(list_variants())}")
+    parser.add_argument("--checkpoint", help="official GTPT .pth (EMA weights); without it the weights are random")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="onnx (ONNX Runtime, TensorRT, OpenVINO) or pt2 (torch.export + AOTInductor package)")
+    parser.add_argument("-o", "--output", required=True, help="output file (a .pt2 package must end in .pt2)")
+    parser.add_argument("--decode", action="store_true",
+                        help="add decoded keypoints (crop pixels) and scores outputs to the graph")
+    parser.add_argument("--opset", type=int, default=EXPORT_MIN_OPSET,
+                        help=f"ONNX opset (default {EXPORT_MIN_OPSET}: TorchScript exporter; >= 18: dynamo exporter)")
+    parser.add_argument("--device", default="cpu", help="pt2 only: cpu (compiled C++) or cuda (our Triton kernels)")
     return parser

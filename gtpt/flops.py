@@ -109,12 +109,19 @@ class PathRunner(nn.Module):
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode on the plain modules: the fast inference path (gtpt.fast_inference) folds BatchNorm into the
+    convolutions and runs some layers as functional calls, which module-based counting would not see."""
     was_training = model.training
+    fast = {m: m.fast_inference for m in model.modules() if hasattr(m, "fast_inference")}
+    for m in fast:
+        m.fast_inference = False
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+        for m, on in fast.items():
+            m.fast_inference = on
 
 
 def _stage_of_module(name: str) -> Optional[str]:

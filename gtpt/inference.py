@@ -19,6 +19,7 @@ from gtpt_kernels.backend import BACKENDS
 
 from .checkpoint import load_official_checkpoint
 from .config import list_variants
+from .export import RUNTIMES, ExportedRunner
 from .evaluate import (IN_VIS_THRESHOLD, OKS_NMS_THRESHOLD, oks_nms_indices, predict_crops, rescore, to_image_coords,
                        write_results)
 from .model import GTPT, build_model
@@ -71,16 +72,28 @@ class PoseEstimator:
 
     ``model_or_variant``: a :class:`gtpt.model.GTPT` (used as is, on its device unless ``device`` is given) or a
     variant name, built with ``backend`` and loaded from ``checkpoint`` (an official ``.pth``); a name without a
-    checkpoint gives random weights and a :class:`RandomWeightsWarning`. The model is put in eval mode."""
+    checkpoint gives random weights and a :class:`RandomWeightsWarning`. The model is put in eval mode.
+
+    ``runtime``: ``"torch"`` (eager), ``"onnxruntime"`` (CPU) or ``"pt2"`` (AOTInductor) runs the forward; the
+    crops, flip test and decoding are the same for all. ``exported``: the ``.onnx`` / ``.pt2`` file to run
+    (``gtpt export``); without it the model is exported when the estimator is made (a ``.pt2`` compile takes
+    minutes on a CPU). ``threads``: ONNX Runtime's intra-op threads. See :class:`gtpt.export.ExportedRunner`."""
 
     def __init__(self, model_or_variant: Union[GTPT, str], checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Optional[Union[str, torch.device]] = None, backend: str = "auto", flip_test: bool = True,
-                 batch_size: int = 32):
+                 batch_size: int = 32, runtime: str = "torch", exported: Optional[Union[str, os.PathLike]] = None,
+                 threads: Optional[int] = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        if runtime == "onnxruntime" and device is None:
+            device = "cpu"
+        if exported is not None and runtime == "torch":
+            raise ValueError("an exported file needs runtime 'onnxruntime' or 'pt2'")
         if isinstance(model_or_variant, GTPT):
             model = model_or_variant
         else:
             model = build_model(model_or_variant, backend=backend)
-            if checkpoint is None:
+            if checkpoint is None and exported is None:  # an exported file carries its own weights
                 warnings.warn(f"{model.cfg.name} has random weights (no checkpoint): its keypoints are meaningless",
                               RandomWeightsWarning, stacklevel=2)
         if checkpoint is not None:
@@ -94,6 +107,10 @@ class PoseEstimator:
         self.model = model.to(self.device).eval()
         self.flip_test = flip_test
         self.batch_size = batch_size
+        self.runtime = runtime
+        # what runs the forward: the model itself, or an exported file with the model's cfg and eval-mode call
+        self._forward = self.model if runtime == "torch" else ExportedRunner(
+            runtime, model.cfg, exported, model=self.model, device=self.device, threads=threads)
 
     @property
     def num_keypoints(self) -> int:
@@ -139,7 +156,7 @@ class PoseEstimator:
             crops = torch.stack([to_model_input(warp_affine(imgs[i], get_affine_transform(c, s, 0.0, crop_wh),
                                                             crop_wh)) for (i, _), (c, s) in zip(chunk, cs)]
                                 ).to(self.device)
-            coords, conf = predict_crops(self.model, crops, self.flip_test)
+            coords, conf = predict_crops(self._forward, crops, self.flip_test)
             centers, scales = np.array([c for c, _ in cs]), np.array([s for _, s in cs])
             xy = to_image_coords(coords, centers, scales, 0.0, crop_wh)
             for k, (i, j) in enumerate(chunk):
@@ -280,13 +297,21 @@ def run_inference_cli(args: argparse.Namespace) -> int:
         device = _resolve_device(args.device)
         variant, checkpoint = resolve_variant(args.variant, args.checkpoint)
         inputs = check_readable(inputs, args.skip_bad, warn)
-        if args.checkpoint is None:
+        runtime, exported = getattr(args, "runtime", "torch"), getattr(args, "exported", None)
+        if exported is not None and runtime == "torch":
+            raise ValueError("--exported needs --runtime onnxruntime or pt2")
+        if exported is not None and not os.path.isfile(exported):
+            raise ValueError(f"--exported {exported}: no such file (make one with gtpt export)")
+        if args.device == "auto" and runtime == "onnxruntime":
+            device = "cpu"  # ONNX Runtime's CPU execution provider
+        if args.checkpoint is None and exported is None:
             print(f"gtpt infer: warning: no --checkpoint, {variant} has random weights; the keypoints are "
                   f"meaningless", file=sys.stderr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
             est = PoseEstimator(variant, checkpoint, device=device, backend=args.backend,
-                                flip_test=not args.no_flip, batch_size=args.batch_size)
+                                flip_test=not args.no_flip, batch_size=args.batch_size,
+                                runtime=runtime, exported=exported)
         entries, best = run_infer(est, inputs, boxes, targets, args, warn)
         write_results(entries, args.output)
         if 0 <= best < args.kpt_thr:

@@ -46,7 +46,8 @@ def t_checkpoint(tmp_path_factory):
 def test_help_does_not_import_torch():
     code = ("import sys, gtpt.cli as c\n"
             "for argv in (['--help'], ['infer', '--help'], ['eval', '--help'], ['profile', '--help'],\n"
-            "             ['synth', '--help'], ['summary', '--help'], ['flops', '--help'], ['env', '--help']):\n"
+            "             ['synth', '--help'], ['summary', '--help'], ['flops', '--help'], ['env', '--help'],\n"
+            "             ['export', '--help']):\n"
             "    try:\n"
             "        c.main(argv)\n"
             "    except SystemExit as e:\n"
@@ -66,6 +67,9 @@ def test_torch_free_option_names_match_the_code():
     assert o.KERNEL_BACKENDS == BACKENDS and o.PROFILE_BACKENDS == profiler.BACKENDS
     assert o.PROFILE_DTYPES == tuple(profiler.DTYPES) and o.PROFILE_MODES == profiler.MODES
     assert o.AMP_NAMES == tuple(train.AMP_DTYPES)
+    from gtpt import export
+    assert (o.RUNTIME_NAMES, o.EXPORT_FORMATS) == (export.RUNTIMES, export.FORMATS)
+    assert o.EXPORT_MIN_OPSET == export.MIN_OPSET
     assert (o.IN_VIS_THRESHOLD, o.OKS_NMS_THRESHOLD) == (evaluate.IN_VIS_THRESHOLD, evaluate.OKS_NMS_THRESHOLD)
 
 
