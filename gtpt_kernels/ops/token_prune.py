@@ -323,7 +323,8 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     col_t = col_mask.view(torch.uint8) if col_mask is not None else dummy
     scm = (col_mask.stride(0), col_mask.stride(1)) if col_mask is not None else (0, 0)
     BLOCK_N = max(2, _next_pow2(N))
-    BLOCK_S = min(_SCORE_BLOCK, BLOCK_N)
+    # fp32 / fp64 inputs: FMA dots whose operands stay in registers; 64 columns spilled 64-96 B at GTPT-S on sm_90.
+    BLOCK_S = min(_SCORE_BLOCK if q.element_size() == 2 else _SCORE_BLOCK // 2, BLOCK_N)
     # Gather tiles of 32 kept rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
     BLOCK_R = min(32, BLOCK_N)
     BLOCK_C = min(64, max(2, _next_pow2(C)))
