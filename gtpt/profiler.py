@@ -450,7 +450,8 @@ def profile_paths(variant: str, backend: str = "reference", batch_size: int = 1,
 # Inductor's generated kernels (their names also contain the fused ops' names), then by what the name says.
 _OP_CATEGORIES = (
     ("fused attention (MHGA kernels)", ("_mhga_", "group_attention")),
-    ("fused pruning (token_prune kernel)", ("_prune_kernel", "token_prune", "softmax_pool_scores")),
+    ("fused pruning (token_prune kernel)", ("_prune_kernel", "_prune_select_kernel", "token_prune",
+                                            "softmax_pool_scores")),
     ("Inductor-generated (triton_*)", ("triton_", "compiledfunction", "torchdynamo", "inductor")),
     # cuDNN names its BatchNorm kernels bn_fw / bn_bw and its convolutions fprop / dgrad / wgrad, often with
     # "gemm" or "cudnn" in the name too: norms first, then convolutions, then GEMMs.

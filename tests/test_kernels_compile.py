@@ -104,13 +104,21 @@ def _prune_configs():
         for C in PRUNE_DIMS:
             out.append(dict(id=f"scores-fineL3-{dtype}-C{C}", op="prune", site="fineL3", dtype=dtype, C=C, R=6, N=76,
                             keep=25, mask=True, gate=False, select=False))
+    # Column-split launches (few (batch, group) programs, e.g. B = 32): the sliced scoring launch and the
+    # selection kernel (_prune_select_kernel), at GTPT-S width.
+    for dtype in PRUNE_DTYPES:
+        for site, R, N, keep, mask, gate in PRUNE_SITES:
+            out.append(dict(id=f"prune-split-{site}-{dtype}-C192", op="prune", site=site, dtype=dtype, C=192, R=R,
+                            N=N, keep=keep, mask=mask, gate=gate, select=True, split=True))
     return out
 
 
 CONFIGS = _mhga_configs() + _prune_configs()
 # Each MHGA config is three kernels (forward, dq, dk/dv); results are keyed by "<config id>/<kernel>".
 MHGA_KEYS = [f"{c['id']}/{k}" for c in CONFIGS if c["op"] == "mhga" for k in MHGA_KERNELS]
-PRUNE_KEYS = [f"{c['id']}/_prune_kernel" for c in CONFIGS if c["op"] == "prune"]
+PRUNE_SPLIT_KERNELS = ("_prune_kernel", "_prune_select_kernel")
+PRUNE_KEYS = [f"{c['id']}/{k}" for c in CONFIGS if c["op"] == "prune"
+              for k in (PRUNE_SPLIT_KERNELS if c.get("split") else ("_prune_kernel",))]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -319,6 +327,27 @@ def _prune_launch(cfg, tp):
     return call
 
 
+def _prune_split_launches(cfg, tp):
+    """[(kernel, args, kwargs)] of a column-split prune site: :func:`_prune_launch` with the launcher planning for
+    132 SMs (B = 2 gives few programs, so the columns split) and the selection kernel captured too."""
+    calls = []
+
+    class SelectCapture:
+        def __getitem__(self, grid):
+            return lambda *a, **m: calls.append((tp._prune_select_kernel_real, a, m))
+
+    saved = tp._SPLIT_SM_COUNT, tp._prune_select_kernel
+    tp._prune_select_kernel_real = tp._prune_select_kernel
+    tp._SPLIT_SM_COUNT, tp._prune_select_kernel = 132, SelectCapture()
+    try:
+        a, m = _prune_launch(cfg, tp)
+    finally:
+        tp._SPLIT_SM_COUNT, tp._prune_select_kernel = saved
+        del tp._prune_select_kernel_real
+    assert m["NSPLIT"] > 1 and not m["SELECT"], "the launcher did not split the columns"
+    return [(tp._prune_kernel, a, m)] + calls
+
+
 def _record(results, key, fn):
     t0 = time.perf_counter()
     try:
@@ -364,6 +393,15 @@ def _worker(config_ids, out_path):
             for kernel, a, m in launches:
                 _record(results, f"{cid}/{kernel.__name__}",
                         lambda: _compile_launch(kernel, a, m))
+        elif cfg.get("split"):
+            try:
+                launches = _prune_split_launches(cfg, tp)
+            except Exception as e:
+                for name in PRUNE_SPLIT_KERNELS:
+                    results[f"{cid}/{name}"] = dict(ok=False, error=f"launcher failed: {type(e).__name__}: {e}")
+                continue
+            for kernel, a, m in launches:
+                _record(results, f"{cid}/{kernel.__name__}", lambda: _compile_launch(kernel, a, m))
         else:
             try:
                 a, m = _prune_launch(cfg, tp)

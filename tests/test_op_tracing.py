@@ -112,6 +112,15 @@ def _worker(out_path):
             results[name] = launches(fn, *args)
         except Exception as e:  # reported by the test that needs it
             results[name] = {"error": f"{type(e).__name__}: {e}"[:3000]}
+    # The pruning ops planned for a 132-SM GPU (fake tensors have no device to ask): B * G = 6 programs split the
+    # columns, so scoring and selection are two launches.
+    tp._SPLIT_SM_COUNT = 132
+    for name in ("token_prune", "softmax_pool_scores"):
+        fn, args = cases[name]
+        try:
+            results[name + "_split"] = launches(fn, *args)
+        except Exception as e:
+            results[name + "_split"] = {"error": f"{type(e).__name__}: {e}"[:3000]}
     done(results)
 
 
@@ -160,6 +169,16 @@ def test_token_prune_decomposes_to_one_launch(traced):
                       "writes": ["idx_ptr", "out_pos_ptr", "out_ptr", "scores_ptr"]}
     (scores,) = _launches(traced, "softmax_pool_scores")
     assert scores == {"kernel": "_prune_kernel", "grid": [[B * G, 1, 1]], "writes": ["scores_ptr"]}
+
+
+def test_token_prune_split_decomposes_to_two_launches(traced):
+    # 122 columns = 2 score chunks of 64: two column slices per (batch, group).
+    scores_launch, select = _launches(traced, "token_prune_split")
+    assert scores_launch == {"kernel": "_prune_kernel", "grid": [[B * G * 2, 1, 1]], "writes": ["scores_ptr"]}
+    assert select == {"kernel": "_prune_select_kernel", "grid": [[B * G * 2, 1, 1]],
+                      "writes": ["idx_ptr", "out_pos_ptr", "out_ptr"]}
+    (scores,) = _launches(traced, "softmax_pool_scores_split")
+    assert scores == {"kernel": "_prune_kernel", "grid": [[B * G * 2, 1, 1]], "writes": ["scores_ptr"]}
 
 
 if __name__ == "__main__":

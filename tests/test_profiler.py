@@ -148,6 +148,7 @@ def test_compile_configs_run_last_most_important_case_first(monkeypatch):
 @pytest.mark.parametrize("name, category", [
     ("_mhga_fwd_kernel", "fused attention (MHGA kernels)"),
     ("_prune_kernel", "fused pruning (token_prune kernel)"),
+    ("_prune_select_kernel", "fused pruning (token_prune kernel)"),  # the column-split selection launch
     ("triton_per_fused_native_layer_norm_0", "Inductor-generated (triton_*)"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM / matmul"),
     ("aten::addmm", "GEMM / matmul"),

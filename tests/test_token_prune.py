@@ -655,3 +655,120 @@ def test_compile_fullgraph_aot_eager(device):
     g = torch.autograd.grad(y.sum(), [tokens, gate])
     g_e = torch.autograd.grad(y_e.sum(), [tokens, gate])
     assert all(torch.equal(a, b) for a, b in zip(g, g_e))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Column-split launches (few (batch, group) programs: scores over column slices, then _prune_select_kernel)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_column_splits_plan():
+    cpu = torch.device("cpu")
+    # Enough (batch, group) programs for the GPU: one fused launch, one slice covering every column.
+    assert tp_mod._column_splits(384, 76, 64, cpu) == (1, 128)
+    saved = tp_mod._SPLIT_SM_COUNT
+    try:
+        tp_mod._SPLIT_SM_COUNT = 132
+        assert tp_mod._column_splits(384, 76, 64, cpu) == (1, 128)    # GTPT-S fine L3 at B = 128
+        assert tp_mod._column_splits(96, 76, 64, cpu) == (2, 64)      # ... at B = 32: 192 programs
+        assert tp_mod._column_splits(96, 179, 64, cpu) == (2, 128)    # fine entry at B = 32: 3 chunks -> 2 + 1
+        assert tp_mod._column_splits(32, 256, 64, cpu) == (4, 64)     # coarse L3 at B = 32: 128 programs
+        assert tp_mod._column_splits(6, 37, 64, cpu) == (1, 64)       # a single chunk is never split
+        for programs in range(1, 200):
+            for N in (1, 37, 65, 76, 122, 179, 256, 262):
+                ns, cols = tp_mod._column_splits(programs, N, 64, cpu)
+                assert cols % 64 == 0 and (ns - 1) * cols < N <= ns * cols  # every slice non-empty, all covered
+    finally:
+        tp_mod._SPLIT_SM_COUNT = saved
+
+
+@pytest.fixture
+def split_launches(monkeypatch):
+    """Force column splits (a 132-SM plan whatever the device) and count the launches of both kernels."""
+    monkeypatch.setattr(tp_mod, "_SPLIT_SM_COUNT", 132)
+    counts = {"_prune_kernel": 0, "_prune_select_kernel": 0}
+    for name in counts:
+        real = getattr(tp_mod, name)
+
+        class Counting:
+            def __init__(self, real, name):
+                self.real, self.name = real, name
+
+            def __getitem__(self, grid):
+                counts[self.name] += 1
+                return self.real[grid]
+        monkeypatch.setattr(tp_mod, name, Counting(real, name))
+    monkeypatch.setattr(tp_mod, "_OPAQUE", True)  # launch the (counting) kernels directly
+    return counts
+
+
+# (B, G, H, R, D, N, C, k_groups, tok_groups, keep, row_mask, gate, dtype): GTPT-like sites with few programs.
+SPLIT_CASES = [
+    (1, 3, 8, 6, 24, 179, 192, 1, 1, 76, True, True, torch.bfloat16),   # fine entry: 3 chunks in 3 slices
+    (1, 1, 2, 1, 24, 256, 16, 1, 1, 179, False, False, torch.float32),  # coarse L3 shape: 4 slices
+    (2, 3, 2, 5, 16, 130, 40, 3, 3, 70, True, True, torch.float16),     # N = 2 chunks + 2 columns, C > 32
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}G{}H{}R{}N{}".format(*c[:5], c[5]))
+def test_column_split_equals_fused(case, split_launches, device):
+    """The split launches give bitwise the fused launch's results (columns are scored independently, ranks are
+    exact), every output slot is written (poisoned buffers), and the results equal the reference."""
+    B, G, H, R, D, N, C, kg, tg, keep, rm, gate, dtype = case
+    inp = make_site(B, G, H, R, D, N, C, k_groups=kg, tok_groups=tg, gate=gate, dtype=dtype, device=device,
+                    row_mask=dummy_row_mask(G, R, device) if rm else None, seed=31)
+    nsplit, _ = tp_mod._column_splits(B * G, N, 64, torch.device(device))
+    assert nsplit > 1
+
+    def launch(sm_count):
+        tp_mod._SPLIT_SM_COUNT = sm_count
+        scores = poison_(torch.empty(B, G, N, device=device))
+        out_dt, pos_dt = tp_mod._prune_out_dtypes(inp["tokens"], inp["pos"], inp["gate"])
+        out = poison_(torch.empty(B, G, keep, C, dtype=out_dt, device=device))
+        out_pos = poison_(torch.empty(B, G, keep, C, dtype=pos_dt, device=device))
+        index = torch.full((B, G, keep), -1, dtype=torch.int64, device=device)
+        tp_mod._launch(inp["q"], inp["k"], inp["row_mask"], SCALE, scores, tokens=inp["tokens"], pos=inp["pos"],
+                       gate=inp["gate"], out=out, out_pos=out_pos, index=index, gate_sigmoid=gate)
+        return scores, out, out_pos, index
+
+    split = launch(132)
+    assert split_launches == {"_prune_kernel": 1, "_prune_select_kernel": 1}
+    fused = launch(1)  # 1 SM: every plan fills it, one fused launch
+    assert split_launches == {"_prune_kernel": 2, "_prune_select_kernel": 1}
+    for a, b in zip(split, fused):
+        assert torch.equal(a, b)
+    scores, out, out_pos, index = split
+    assert (index >= 0).all() and torch.isfinite(out.float()).all() and torch.isfinite(out_pos.float()).all()
+    assert_close(scores, ref_scores64(inp), rtol=1e-5, what="scores")
+    assert torch.equal(index, topk_indices_reference(scores, keep))
+    r_out, r_pos, _ = token_prune_reference(inp["q"], inp["k"], inp["tokens"], inp["pos"], keep, SCALE,
+                                            inp["row_mask"], inp["gate"], gate_logits=gate)
+    want_out, want_pos = gather_tokens_reference(inp["tokens"], index), gather_tokens_reference(inp["pos"], index)
+    if gate:  # the kernel's sigmoid is its own exp: compare the gated rows closely, the index exactly
+        assert_close(out, r_out, what="gated tokens")
+        assert_close(out_pos, r_pos, what="gated pos")
+    else:
+        assert torch.equal(out, want_out) and torch.equal(out_pos, want_pos)
+
+
+def test_column_split_public_ops_and_ties(split_launches, device):
+    """Through the public ops: the split path keeps the tie rule across slices (duplicates of the best column
+    placed in other slices follow it in index order) and the WholeBody column mask."""
+    B, G, H, R, D, N, C = 1, 2, 2, 3, 16, 150, 8
+    inp = make_site(B, G, H, R, D, N, C, k_groups=1, tok_groups=1, device=device, seed=32)
+    k = inp["k"].clone()
+    best = int(topk_indices_reference(ref_scores64(dict(inp, k=k)), N)[0, 0, 0])
+    dups = [n for n in (5, 70, 140) if n != best]
+    for n in dups:
+        k[:, :, :, n] = k[:, :, :, best]
+    cols = torch.ones(G, N, dtype=torch.bool, device=device)
+    cols[1, :40] = False
+    out, out_pos, index = token_prune(inp["q"], k, inp["tokens"], inp["pos"], 60, SCALE, col_mask=cols,
+                                      backend="triton")
+    assert split_launches["_prune_select_kernel"] == 1
+    r_out, r_pos, r_idx = token_prune_reference(inp["q"], k, inp["tokens"], inp["pos"], 60, SCALE, col_mask=cols)
+    assert torch.equal(index, r_idx) and torch.equal(out, r_out) and torch.equal(out_pos, r_pos)
+    tied = sorted([best] + dups)
+    assert index[0, 0, :len(tied)].tolist() == tied
+    scores = softmax_pool_scores(inp["q"], k, SCALE, backend="triton", col_mask=cols)
+    assert split_launches == {"_prune_kernel": 2, "_prune_select_kernel": 1}  # the scores op: one launch
+    assert torch.equal(index, topk_indices_reference(scores, 60))

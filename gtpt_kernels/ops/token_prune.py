@@ -42,89 +42,180 @@ except Exception:  # pragma: no cover - triton missing: only the reference backe
 
 if triton is not None:
 
-    _UNROLL_ROWS = tl.constexpr(16)
+    @triton.jit
+    def _logits_dot(kt, qt, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+        """``kt (S, D) @ qt (D, R)`` with fp32 accumulation: the logits of R query rows against S key columns.
+        Compiled: tl.dot (tensor cores for 16-bit inputs, whose products are exact in fp32; fp32 inputs ``ieee``,
+        i.e. FMA, never tf32). Every output element takes the same path whatever its position, so duplicate key
+        columns get bit-identical scores (the tie rule relies on it). The interpreter's tl.dot is numpy's matmul,
+        whose BLAS kernels round edge columns differently (and multiplies bf16 bit patterns, triton-lang/triton
+        #11584), so there the products are summed elementwise in fp32 instead: position-independent too."""
+        if INTERPRET:
+            return tl.sum(kt.to(tl.float32)[:, None, :] * tl.trans(qt.to(tl.float32))[None, :, :], axis=2)
+        elif IEEE:
+            return tl.dot(kt, qt, input_precision="ieee")
+        else:
+            return tl.dot(kt, qt)
 
     @triton.jit
-    def _pool_row(m, z, w, kt, q_row, mask_row, offs_d, d_ok, sq_d, scale, HAS_MASK: tl.constexpr):
-        """Fold one query row into the running (max, sum exp, sum exp * logit) of every column of ``kt``.
+    def _order_key(s, idx):
+        """Strict total order of (score, index) as one int64: the score's bit pattern mapped to an order-preserving
+        int32 (flip the magnitude bits of negatives, so NaNs order too) in the high word, the complement of the
+        index in the low word (equal scores: the lower index is the larger key)."""
+        bits = s.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        return (key << 32) | (4294967295 - idx.to(tl.int64))
 
-        Excluded rows are skipped outright (a runtime branch): with a mask that leaves groups different row
-        counts (WholeBody fine L3: 73 / 48 / 12 of 74 rows), each group pays only for its own rows."""
-        row_on = True
-        if HAS_MASK:
-            row_on = tl.load(mask_row) != 0
-        if row_on:
-            qr = tl.load(q_row + offs_d * sq_d, mask=d_ok, other=0.0).to(tl.float32)
-            # Same operation order as the reference: (q . k) then * scale.
-            a = tl.sum(kt * qr[None, :], axis=1) * scale
-            m_new = tl.maximum(m, a)
-            # m_new is -inf only for -inf logits; exp(-inf - -inf) would be NaN, so shift by 0 then.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(a - m_safe)
-            z = z * alpha + p
-            w = w * alpha + p * a
-            m = m_new
-        return m, z, w
+    @triton.jit
+    def _rank_gather(sc_base, n_lo, n_hi, N, C, K, bg64,
+                     tok_base, pos_base, gate_base, st_n, st_c, sp_n, sp_c, sgt_n, sgt_c,
+                     out_base, out_pos_base, idx_base, gate_ty: tl.constexpr, out_ty: tl.constexpr,
+                     out_pos_ty: tl.constexpr,
+                     HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
+                     GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr, RNE_BF16: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Select and gather the kept columns among ``[n_lo, n_hi)`` of one (batch, group) row of scores.
+
+        rank[n] = #{m in 0..N-1 : key[m] > key[n]} with :func:`_order_key`, a strict total order: ranks are a
+        permutation of 0..N-1, so every kept slot (rank < K) is written by exactly one column, ties go to the lower
+        index first (the reference's stable-sort rule) and the result is deterministic without atomics, whichever
+        program owns the column. O(N^2) compares in (BLOCK_M, BLOCK_R) chunks is cheap next to the scores for N <=
+        a few hundred and needs no tl.sort (whose bitonic network is also ~100x slower in the interpreter). Each
+        kept column's token (and position) row goes straight to its slot, gated, so the index is never read back."""
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_C)
+        for r0 in range(n_lo, n_hi, BLOCK_R):
+            rows_n = r0 + offs_r
+            n_ok = rows_n < n_hi
+            e_n = _order_key(tl.load(sc_base + rows_n, mask=n_ok, other=0.0), rows_n)
+            rank = tl.zeros([BLOCK_R], tl.int32)
+            for m0 in range(0, N, BLOCK_M):
+                rows_m = m0 + offs_m
+                m_ok = rows_m < N
+                e_m = _order_key(tl.load(sc_base + rows_m, mask=m_ok, other=0.0), rows_m)
+                # Past N: the smallest key (INT32_MIN high word, an index past every real one), never beats.
+                e_m = tl.where(m_ok, e_m, -9223372036854775807 - 1)
+                rank += tl.sum((e_m[:, None] > e_n[None, :]).to(tl.int32), axis=0)
+            kept = n_ok & (rank < K)
+            tl.store(idx_base + rank, rows_n.to(tl.int64), mask=kept)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + offs_c
+                mk = kept[:, None] & (cols < C)[None, :]
+                dst = rank[:, None] * C + cols[None, :]
+                x = tl.load(tok_base + rows_n[:, None] * st_n + cols[None, :] * st_c, mask=mk, other=0.0)
+                if HAS_GATE:
+                    gv = tl.load(gate_base + rows_n[:, None] * sgt_n + cols[None, :] * sgt_c, mask=mk, other=0.0)
+                    if GATE_SIGMOID:
+                        # The gate arrives as the mask MLP's logits: sigmoid of the kept rows only, rounded to
+                        # the gate dtype as torch.sigmoid's output would be (fp64 stays fp64).
+                        if GATE_F64:
+                            gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float64)))).to(gate_ty)
+                        else:
+                            gv = _cast(1.0 / (1.0 + tl.exp(-gv.to(tl.float32))), gate_ty, RNE_BF16)
+                    # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
+                    # product is exact, so the result is bit-identical to PyTorch's correctly rounded
+                    # half-precision multiply (and avoids the interpreter's bf16 arithmetic).
+                    if TOK_F64:
+                        x = x.to(tl.float64) * gv.to(tl.float64)
+                    else:
+                        x = x.to(tl.float32) * gv.to(tl.float32)
+                tl.store(out_base + dst, _cast(x, out_ty, RNE_BF16), mask=mk)
+                if HAS_POS:
+                    pv = tl.load(pos_base + rows_n[:, None] * sp_n + cols[None, :] * sp_c, mask=mk, other=0.0)
+                    if HAS_GATE:
+                        if POS_F64:
+                            pv = pv.to(tl.float64) * gv.to(tl.float64)
+                        else:
+                            pv = pv.to(tl.float32) * gv.to(tl.float32)
+                    tl.store(out_pos_base + dst, _cast(pv, out_pos_ty, RNE_BF16), mask=mk)
 
     @triton.jit
     def _prune_kernel(
         q_ptr, k_ptr, mask_ptr, col_mask_ptr, tok_ptr, pos_ptr, gate_ptr,
         scores_ptr, out_ptr, out_pos_ptr, idx_ptr,
-        G, H, N, D, C, K, scale,
-        sq_b, sq_g, sq_h, sq_r, sq_d,
-        sk_b, sk_g, sk_h, sk_n, sk_d,
+        G, N, C, K, scale,
+        sq_b, sq_g, sq_h8, sq_r, sq_d,
+        sk_b, sk_g, sk_h8, sk_n, sk_d,
         sm_g, sm_r, scm_g, scm_n,
         st_b, st_g, st_n, st_c,
         sp_b, sp_g, sp_n, sp_c,
         sgt_b, sgt_g, sgt_n, sgt_c,
-        R: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, SELECT: tl.constexpr,
+        H: tl.constexpr, R: tl.constexpr, D: tl.constexpr, HVEC_Q: tl.constexpr, HVEC_K: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_COL_MASK: tl.constexpr, SELECT: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
         GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr, RNE_BF16: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+        NSPLIT: tl.constexpr, SPLIT_COLS: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_QR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
+        # One program per (batch, group) (NSPLIT == 1: scores, selection and gather in one launch), or per
+        # (batch, group, SPLIT_COLS-column slice) (scores only; :func:`_prune_select_kernel` selects after).
         pid = tl.program_id(0)
-        b = (pid // G).to(tl.int64)  # 64-bit base offsets: strided views of a big packed qkv can pass 2**31
-        g = pid % G
-        pid64 = pid.to(tl.int64)
+        bg = pid // NSPLIT
+        b = (bg // G).to(tl.int64)  # 64-bit base offsets: strided views of a big packed qkv can pass 2**31
+        g = bg % G
+        pid64 = bg.to(tl.int64)
+        n_lo = (pid % NSPLIT) * SPLIT_COLS
+        n_hi = tl.minimum(n_lo + SPLIT_COLS, N)
 
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
+        offs_qr = tl.arange(0, BLOCK_QR)
+        d_ok = offs_d < D  # D is a constexpr: the mask is a compile-time pattern, and so is every head offset
+        # Head strides arrive divided by HVEC (the largest of 8 / 4 / 2 / 1 dividing them): multiplied back by a
+        # constexpr, the compiler sees every head's rows 16-byte aligned and loads them as vectors (a runtime head
+        # stride of 24 elements, the packed qkv's, proves nothing and gave scalar 2-byte loads).
+        sk_h = sk_h8 * HVEC_K
+        sq_h = sq_h8 * HVEC_Q
         q_base = q_ptr + b * sq_b + g * sq_g
         k_base = k_ptr + b * sk_b + g * sk_g  # sk_g == 0 when k broadcasts over groups
         sc_base = scores_ptr + pid64 * N
 
-        # Scores in column chunks of BLOCK_S tokens (columns are independent, so chunking changes no result bit):
-        # a (BLOCK_S, BLOCK_D) K tile and the unrolled rows' products stay in registers, where a whole
-        # (BLOCK_N, BLOCK_D) tile at head dim 24 (BLOCK_D=32) spilled kilobytes per thread on sm_90.
-        # Online softmax over the j = (head, row) axis, per token column n: m = running max of the logits,
-        # z = sum exp(a - m), w = sum exp(a - m) * a. score = w / z. Nothing of size (H*R, N) is stored.
-        for n0 in range(0, N, BLOCK_S):
+        # Scores in column chunks of BLOCK_S tokens (columns are independent, so chunking changes no result bit).
+        # Per head, the logits of BLOCK_QR query rows against the chunk are one tl.dot ``K_h (S, D) @ Q_h^T (D, QR)``
+        # (fp32 accumulation), laid out with the columns across threads and the rows along the dot's N axis, so the
+        # per-column reductions over rows are in-thread plus two lane shuffles. Online softmax over the j = (head,
+        # row) axis, per token column n: m = running max of the logits, z = sum exp(a - m), w = sum exp(a - m) * a;
+        # score = w / z. Excluded rows (row_mask, or past R) are masked to weight 0, not branched around. Nothing of
+        # size (H*R, N) is stored.
+        for n0 in range(n_lo, n_hi, BLOCK_S):
             cols = n0 + offs_s
-            c_ok = cols < N
+            c_ok = cols < n_hi
             m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-            z = tl.zeros([BLOCK_S], tl.float32)
-            w = tl.zeros([BLOCK_S], tl.float32)
-            for h in range(H):
-                # K tile of this head, reused by all R query rows; upcast so half inputs accumulate in fp32
-                # (elementwise + reduction rather than tl.dot: D is 16/24, rows are few, and it keeps fp32 IEEE
-                # numerics and the interpreter's broken bf16 tl.dot out of the picture).
-                kt = tl.load(k_base + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                             mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                # Few rows (R <= 8 at every COCO site): the row loop unrolls (R is a constexpr), so the compiler
-                # can issue the tiny q-row loads ahead instead of one dependent load per (head, row) iteration.
-                # Many rows (WholeBody fine L3: 74): a plain loop, which keeps code size and registers bounded.
-                if R <= _UNROLL_ROWS:
-                    for r in tl.static_range(R):
-                        m, z, w = _pool_row(m, z, w, kt, q_base + h * sq_h + r * sq_r, mask_ptr + g * sm_g + r * sm_r,
-                                            offs_d, d_ok, sq_d, scale, HAS_MASK)
-                else:
-                    for r in range(R):
-                        m, z, w = _pool_row(m, z, w, kt, q_base + h * sq_h + r * sq_r, mask_ptr + g * sm_g + r * sm_r,
-                                            offs_d, d_ok, sq_d, scale, HAS_MASK)
-            s = w / z  # z >= 1 for real columns: every group has a valid row (checked on the host)
+            z = tl.zeros([BLOCK_S], tl.float64)
+            w = tl.zeros([BLOCK_S], tl.float64)
+            for r0 in tl.static_range(0, R, BLOCK_QR):
+                rows = r0 + offs_qr
+                r_in = rows < R
+                r_on = r_in
+                if HAS_MASK:
+                    r_on = r_on & (tl.load(mask_ptr + g * sm_g + rows * sm_r, mask=r_in, other=0) != 0)
+                for h in tl.static_range(H):
+                    kt = tl.load(k_base + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
+                                 mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+                    qt = tl.load(q_base + h * sq_h + rows[None, :] * sq_r + offs_d[:, None] * sq_d,
+                                 mask=d_ok[:, None] & r_on[None, :], other=0.0)
+                    if kt.dtype == tl.float64:  # fp64 inputs are scored in fp32, as the fp32 reference does
+                        kt = kt.to(tl.float32)
+                        qt = qt.to(tl.float32)
+                    # Same operation order as the reference: (q . k) then * scale.
+                    a0 = _logits_dot(kt, qt, IEEE, INTERPRET) * scale
+                    a = tl.where(r_on[None, :], a0, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(a, axis=1))
+                    # m_new is -inf only for -inf logits; exp(-inf - -inf) would be NaN, so shift by 0 then.
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_safe)
+                    p = tl.exp(a - m_safe[:, None])  # exactly 0 on excluded rows (their a0 is finite: q rows are 0)
+                    # z and w are summed in fp64 across the (head, row-block) steps: a handful of fp64 operations
+                    # per column and step (nothing per logit), which keeps the scores within about an fp32 ulp of
+                    # exact, so near-ties rank as in an exact computation rather than by accumulated rounding.
+                    alpha64 = alpha.to(tl.float64)
+                    z = z * alpha64 + tl.sum(p, axis=1).to(tl.float64)
+                    w = w * alpha64 + tl.sum(p * a0, axis=1).to(tl.float64)
+                    m = m_new
+            s = (w / z).to(tl.float32)  # z >= 1 for real columns: every group has a valid row (checked on the host)
             if HAS_COL_MASK:
                 # Columns a group may not keep score -inf: they rank after every candidate, in index order.
                 col_on = tl.load(col_mask_ptr + g * scm_g + cols * scm_n, mask=c_ok, other=0) != 0
@@ -137,90 +228,71 @@ if triton is not None:
             tl.store(sc_base + cols, s, mask=c_ok)
 
         if SELECT:
-            # Rank selection: rank[n] = #{m : m beats n}, where m beats n if key[m] > key[n] or (key[m] ==
-            # key[n] and m < n). key is the score's bit pattern mapped to an order-preserving int32 (flip the
-            # magnitude bits of negatives), so the order is total even with NaN and ranks are a permutation of
-            # 0..N-1: every output slot is written exactly once, ties go to the lower index first (the
-            # reference's stable-sort rule) and the result is deterministic. O(N^2) compares in BLOCK_M x
-            # BLOCK_R chunks is cheap next to the scores for N <= a few hundred and needs no tl.sort (whose
-            # bitonic network is also ~100x slower in the interpreter).
             tl.debug_barrier()  # make this CTA's score stores visible to all of its threads
-            offs_r = tl.arange(0, BLOCK_R)
-            offs_m = tl.arange(0, BLOCK_M)
-            for r0 in range(0, N, BLOCK_R):
-                rows_n = r0 + offs_r
-                n_ok = rows_n < N
-                s_n = tl.load(sc_base + rows_n, mask=n_ok, other=0.0)
-                bits_n = s_n.to(tl.int32, bitcast=True)
-                key_n = bits_n ^ ((bits_n >> 31) & 0x7FFFFFFF)
-                rank = tl.zeros([BLOCK_R], tl.int32)
-                for m0 in range(0, N, BLOCK_M):
-                    rows_m = m0 + offs_m
-                    s_m = tl.load(sc_base + rows_m, mask=rows_m < N, other=0.0)
-                    bits_m = s_m.to(tl.int32, bitcast=True)
-                    key_m = (bits_m ^ ((bits_m >> 31) & 0x7FFFFFFF))[:, None]
-                    beats = (key_m > key_n[None, :]) | ((key_m == key_n[None, :]) & (rows_m[:, None] < rows_n[None, :]))
-                    beats = beats & (rows_m < N)[:, None]
-                    rank += tl.sum(beats.to(tl.int32), axis=0)
-                # Scatter: slot rank[n] of the index gets n (kept tokens only).
-                tl.store(idx_ptr + pid64 * K + rank, rows_n.to(tl.int64), mask=n_ok & (rank < K))
-            # The gather below reads the index back in row chunks.
-            tl.debug_barrier()
+            _rank_gather(sc_base, 0, N, N, C, K, pid64,
+                         tok_ptr + b * st_b + g * st_g, pos_ptr + b * sp_b + g * sp_g,  # st_g == 0: broadcast
+                         gate_ptr + b * sgt_b + g * sgt_g, st_n, st_c, sp_n, sp_c, sgt_n, sgt_c,
+                         out_ptr + pid64 * K * C, out_pos_ptr + pid64 * K * C, idx_ptr + pid64 * K,
+                         gate_ptr.dtype.element_ty, out_ptr.dtype.element_ty, out_pos_ptr.dtype.element_ty,
+                         HAS_POS, HAS_GATE, TOK_F64, POS_F64, GATE_SIGMOID, GATE_F64, RNE_BF16,
+                         BLOCK_R, BLOCK_M, BLOCK_C)
 
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_c = tl.arange(0, BLOCK_C)
-            tok_base = tok_ptr + b * st_b + g * st_g  # st_g == 0 when tokens broadcast over groups
-            pos_base = pos_ptr + b * sp_b + g * sp_g
-            gate_base = gate_ptr + b * sgt_b + g * sgt_g
-            out_base = out_ptr + pid64 * K * C  # outputs are contiguous (B, G, K, C)
-            out_pos_base = out_pos_ptr + pid64 * K * C
-            for k0 in range(0, K, BLOCK_K):
-                rows = k0 + offs_k
-                r_ok = rows < K
-                src = tl.load(idx_ptr + pid64 * K + rows, mask=r_ok, other=0)
-                for c0 in range(0, C, BLOCK_C):
-                    cols = c0 + offs_c
-                    mk = r_ok[:, None] & (cols < C)[None, :]
-                    dst = rows[:, None] * C + cols[None, :]
-                    x = tl.load(tok_base + src[:, None] * st_n + cols[None, :] * st_c, mask=mk, other=0.0)
-                    if HAS_GATE:
-                        gv = tl.load(gate_base + src[:, None] * sgt_n + cols[None, :] * sgt_c, mask=mk, other=0.0)
-                        if GATE_SIGMOID:
-                            # The gate arrives as the mask MLP's logits: sigmoid of the kept rows only, rounded to
-                            # the gate dtype as torch.sigmoid's output would be (fp64 stays fp64).
-                            if GATE_F64:
-                                gv = (1.0 / (1.0 + tl.exp(-gv.to(tl.float64)))).to(gate_ptr.dtype.element_ty)
-                            else:
-                                gv = _cast(1.0 / (1.0 + tl.exp(-gv.to(tl.float32))), gate_ptr.dtype.element_ty,
-                                               RNE_BF16)
-                        # Multiply in fp32 (fp64 for fp64 outputs) and round once: for 16-bit operands the fp32
-                        # product is exact, so the result is bit-identical to PyTorch's correctly rounded
-                        # half-precision multiply (and avoids the interpreter's bf16 arithmetic).
-                        if TOK_F64:
-                            x = x.to(tl.float64) * gv.to(tl.float64)
-                        else:
-                            x = x.to(tl.float32) * gv.to(tl.float32)
-                    tl.store(out_base + dst, _cast(x, out_ptr.dtype.element_ty, RNE_BF16), mask=mk)
-                    if HAS_POS:
-                        pv = tl.load(pos_base + src[:, None] * sp_n + cols[None, :] * sp_c, mask=mk, other=0.0)
-                        if HAS_GATE:
-                            if POS_F64:
-                                pv = pv.to(tl.float64) * gv.to(tl.float64)
-                            else:
-                                pv = pv.to(tl.float32) * gv.to(tl.float32)
-                        tl.store(out_pos_base + dst, _cast(pv, out_pos_ptr.dtype.element_ty, RNE_BF16),
-                                 mask=mk)
+    @triton.jit
+    def _prune_select_kernel(
+        scores_ptr, tok_ptr, pos_ptr, gate_ptr, out_ptr, out_pos_ptr, idx_ptr,
+        G, N, C, K,
+        st_b, st_g, st_n, st_c,
+        sp_b, sp_g, sp_n, sp_c,
+        sgt_b, sgt_g, sgt_n, sgt_c,
+        HAS_POS: tl.constexpr, HAS_GATE: tl.constexpr, TOK_F64: tl.constexpr, POS_F64: tl.constexpr,
+        GATE_SIGMOID: tl.constexpr, GATE_F64: tl.constexpr, RNE_BF16: tl.constexpr,
+        NSPLIT: tl.constexpr, SPLIT_COLS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Selection and gather after a column-split :func:`_prune_kernel` launch: one program per (batch, group,
+        column slice) ranks its slice's columns against the group's N scores and writes its kept columns' slots
+        (index, token and position rows). Slots are disjoint across programs, so no atomics are needed."""
+        pid = tl.program_id(0)
+        bg = pid // NSPLIT
+        b = (bg // G).to(tl.int64)
+        g = bg % G
+        pid64 = bg.to(tl.int64)
+        n_lo = (pid % NSPLIT) * SPLIT_COLS
+        n_hi = tl.minimum(n_lo + SPLIT_COLS, N)
+        _rank_gather(scores_ptr + pid64 * N, n_lo, n_hi, N, C, K, pid64,
+                     tok_ptr + b * st_b + g * st_g, pos_ptr + b * sp_b + g * sp_g,
+                     gate_ptr + b * sgt_b + g * sgt_g, st_n, st_c, sp_n, sp_c, sgt_n, sgt_c,
+                     out_ptr + pid64 * K * C, out_pos_ptr + pid64 * K * C, idx_ptr + pid64 * K,
+                     gate_ptr.dtype.element_ty, out_ptr.dtype.element_ty, out_pos_ptr.dtype.element_ty,
+                     HAS_POS, HAS_GATE, TOK_F64, POS_F64, GATE_SIGMOID, GATE_F64, RNE_BF16,
+                     BLOCK_R, BLOCK_M, BLOCK_C)
 
 
-# Column chunk of the scoring loop: a (64, BLOCK_D) K tile plus the R unrolled rows' products fit in registers at
-# head dim 24 (BLOCK_D=32) on sm_90; the whole (BLOCK_N, 32) tile spilled 0.5-9 KB per thread at GTPT-S/B width.
+# Column chunk of the scoring loop: the (64, BLOCK_D) K tile of a head and the (64, BLOCK_QR) logits of its dot.
 _SCORE_BLOCK = 64
+# Query rows per logit dot (the dot's N axis): all of a COCO / WholeBody-entry site's rows in one; WholeBody fine
+# L3 (74 rows) in two chunks, which keeps the logit tile and its exponentials in registers.
+_ROW_BLOCK = 32
+# Software-pipeline stages of the column loop: every head's K tile is a dot operand in shared memory, so each
+# stage costs H tiles; the default 3 stages took 121 KB at GTPT-S (one block per SM).
+_SCORE_STAGES = 1
 # Column chunk of the rank count (BLOCK_M x _RANK_BLOCK compares per step): one chunk at GTPT's N <= 256.
 _RANK_BLOCK = 256
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _head_vec(t: Tensor) -> int:
+    """Largest of 8, 4, 2, 1 dividing the head stride of ``t`` (B, G, H, rows, D) when its head dim is contiguous
+    (1 otherwise): the kernel gets the head stride divided by it and multiplies back by a constexpr."""
+    if t.stride(4) != 1:
+        return 1
+    for v in (8, 4, 2):
+        if t.stride(2) % v == 0:
+            return v
+    return 1
 
 
 def _group_stride(t: Tensor) -> int:
@@ -233,8 +305,9 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
             gate: Optional[Tensor] = None,
             out: Optional[Tensor] = None, out_pos: Optional[Tensor] = None, index: Optional[Tensor] = None,
             gate_sigmoid: bool = False) -> None:
-    """Launch :func:`_prune_kernel` (one program per (b, g)): write the fp32 scores ``(B, G, N)`` into
-    ``scores``; with ``index`` also select and gather into ``out`` / ``out_pos``."""
+    """Launch :func:`_prune_kernel`: write the fp32 scores ``(B, G, N)`` into ``scores``; with ``index`` also
+    select and gather into ``out`` / ``out_pos`` (in the same launch, or in a :func:`_prune_select_kernel` launch
+    after a column-split scoring launch, see :func:`_column_splits`)."""
     B, G, H, R, D = q.shape
     N = k.shape[3]
     select = index is not None
@@ -250,33 +323,86 @@ def _launch(q: Tensor, k: Tensor, row_mask: Optional[Tensor], scale: float, scor
     col_t = col_mask.view(torch.uint8) if col_mask is not None else dummy
     scm = (col_mask.stride(0), col_mask.stride(1)) if col_mask is not None else (0, 0)
     BLOCK_N = max(2, _next_pow2(N))
-    # Gather tiles of 32 rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
-    BLOCK_K = min(32, max(2, _next_pow2(K)))
+    # fp32 / fp64 inputs: FMA dots whose operands stay in registers; 64 columns spilled 64-96 B at GTPT-S on sm_90.
+    BLOCK_S = min(_SCORE_BLOCK if q.element_size() == 2 else _SCORE_BLOCK // 2, BLOCK_N)
+    # Gather tiles of 32 kept rows x 64 channels keep three live tiles (tokens, pos, gate) in registers.
+    BLOCK_R = min(32, BLOCK_N)
     BLOCK_C = min(64, max(2, _next_pow2(C)))
+    nsplit, split_cols = _column_splits(B * G, N, BLOCK_S, q.device)
+    fused = select and nsplit == 1
     # CPU tensors mean the interpreter, whose fp32 -> bf16 casts truncate: round by hand there (ops/_rounding.py).
     bf16_out = select and any(t is not None and t.dtype == torch.bfloat16
                               for t in (out, out_pos if pos is not None else None, gate))
     rne_bf16 = q.device.type == "cpu" and bf16_out
-    kernel = _prune_kernel if _OPAQUE else torch.library.wrap_triton(_prune_kernel)
-    kernel[(B * G,)](
-        q, k, mask_t, col_t, tok, pos if pos is not None else dummy, gate if gate is not None else dummy,
-        scores, out if select else dummy,
-        out_pos if pos is not None else dummy, index if select else dummy,
-        G, H, N, D, C, K, float(scale),
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3), q.stride(4),
-        k.stride(0), _group_stride(k), k.stride(2), k.stride(3), k.stride(4),
-        sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3],
-        sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
-        R=R, HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=select,
+    gather_flags = dict(
         HAS_POS=pos is not None, HAS_GATE=gate is not None,
-        GATE_SIGMOID=gate is not None and gate_sigmoid, GATE_F64=gate is not None and gate.dtype == torch.float64,
-        RNE_BF16=rne_bf16,
         TOK_F64=select and out.dtype == torch.float64,
         POS_F64=pos is not None and out_pos.dtype == torch.float64,
-        BLOCK_S=min(_SCORE_BLOCK, BLOCK_N), BLOCK_R=min(_RANK_BLOCK, BLOCK_N), BLOCK_M=32,
-        BLOCK_D=max(2, _next_pow2(D)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
-        num_warps=4 if BLOCK_N <= 256 else 8,
+        GATE_SIGMOID=gate is not None and gate_sigmoid, GATE_F64=gate is not None and gate.dtype == torch.float64,
+        RNE_BF16=rne_bf16, NSPLIT=nsplit, SPLIT_COLS=split_cols,
+        BLOCK_R=BLOCK_R, BLOCK_M=min(_RANK_BLOCK, BLOCK_N), BLOCK_C=BLOCK_C,
     )
+    pos_t = pos if pos is not None else dummy
+    gate_t = gate if gate is not None else dummy
+    out_t = out if select else dummy
+    out_pos_t = out_pos if pos is not None else dummy
+    index_t = index if select else dummy
+    kernel = _prune_kernel if _OPAQUE else torch.library.wrap_triton(_prune_kernel)
+    hvec_q, hvec_k = _head_vec(q), _head_vec(k)
+    kernel[(B * G * nsplit,)](
+        q, k, mask_t, col_t, tok, pos_t, gate_t, scores,
+        out_t if fused else dummy, out_pos_t if fused else dummy, index_t if fused else dummy,
+        G, N, C, K, float(scale),
+        q.stride(0), q.stride(1), q.stride(2) // hvec_q, q.stride(3), q.stride(4),
+        k.stride(0), _group_stride(k), k.stride(2) // hvec_k, k.stride(3), k.stride(4),
+        sm[0], sm[1], scm[0], scm[1], st[0], st[1], st[2], st[3],
+        sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
+        H=H, R=R, D=D, HVEC_Q=hvec_q, HVEC_K=hvec_k,
+        HAS_MASK=row_mask is not None, HAS_COL_MASK=col_mask is not None, SELECT=fused,
+        IEEE=q.dtype in (torch.float32, torch.float64), INTERPRET=q.device.type == "cpu",
+        BLOCK_S=BLOCK_S, BLOCK_QR=max(16, min(_ROW_BLOCK, _next_pow2(R))), BLOCK_D=max(16, _next_pow2(D)),
+        num_warps=4 if BLOCK_N <= 256 else 8, num_stages=_SCORE_STAGES, **gather_flags,
+    )
+    if select and not fused:
+        kernel = _prune_select_kernel if _OPAQUE else torch.library.wrap_triton(_prune_select_kernel)
+        kernel[(B * G * nsplit,)](
+            scores, tok, pos_t, gate_t, out_t, out_pos_t, index_t,
+            G, N, C, K, st[0], st[1], st[2], st[3], sp[0], sp[1], sp[2], sp[3], sg[0], sg[1], sg[2], sg[3],
+            num_warps=4, **gather_flags,
+        )
+
+
+# Column splits (see _column_splits): None = the device's SM count where it can be queried, no split elsewhere
+# (CPU / the interpreter, meta and fake tensors); an int forces that SM count (tests, AOT compiles of the split).
+_SPLIT_SM_COUNT: Optional[int] = None
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> Optional[int]:
+    if _SPLIT_SM_COUNT is not None:
+        return _SPLIT_SM_COUNT
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        try:
+            _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        except Exception:  # fake / traced CUDA tensors without a GPU
+            _SM_COUNTS[idx] = None
+    return _SM_COUNTS[idx]
+
+
+def _column_splits(programs: int, N: int, block_s: int, device: torch.device) -> Tuple[int, int]:
+    """(slices per (batch, group), columns per slice). One program per (batch, group) fills the GPU when there
+    are at least as many as SMs (GTPT at B = 128: 128 - 384): then scoring, selection and gather run in one launch.
+    Fewer (B = 32: 32 - 96 programs on 132 SMs) split the columns into BLOCK_S-multiple slices, up to one wave of
+    programs, and the selection runs as a second launch over the same slices (:func:`_prune_select_kernel`)."""
+    chunks = -(-N // block_s)
+    sms = _sm_count(device)
+    if sms is None or programs >= sms or chunks == 1:
+        return 1, chunks * block_s
+    per = -(-chunks // min(chunks, -(-sms // programs)))  # score chunks per slice
+    return -(-chunks // per), per * block_s
 
 
 # ----------------------------------------------------------------------------------------------------------
