@@ -983,10 +983,10 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
 # `gtpt train` without data options trains on a generated dataset (gtpt.synth) with these defaults instead of the
 # official COCO schedule; every one of them can still be given on the command line. Chosen for a 2-core CPU: see
 # README "Training without COCO".
-SYNTH_IMAGES = 448                 # 400 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 50 steps, validated after each
-SYNTH_VAL_FRACTION = 0.107
+SYNTH_IMAGES = 288                 # 240 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 30 steps, validated after each
+SYNTH_VAL_FRACTION = 1 / 6
 SYNTH_DIFFICULTY = "easy"          # gtpt.synth.DIFFICULTIES: one whole figure per image, moderate pose, plain backgrounds
-SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 4, "batch_size": 8, "lr": 3e-3, "lr_milestones": (100,),
+SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "lr_milestones": (100,),
                                   "warmup_steps": 20, "ema_momentum": 0.9, "ema_schedule": "constant",
                                   "val_every": 1, "log_every": 10, "flip": False, "augment": "none"}
 _DATA_FIELDS = ("train_ann_file", "train_image_root", "val_ann_file", "val_image_root", "val_detections_file")
