@@ -983,8 +983,8 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
 # `gtpt train` without data options trains on a generated dataset (gtpt.synth) with these defaults instead of the
 # official COCO schedule; every one of them can still be given on the command line. Chosen for a 2-core CPU: see
 # README "Training without COCO".
-SYNTH_IMAGES = 288                 # 240 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 30 steps, validated after each
-SYNTH_VAL_FRACTION = 1 / 6
+SYNTH_IMAGES = 264                 # 216 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 27 steps, validated after each
+SYNTH_VAL_FRACTION = 2 / 11
 SYNTH_DIFFICULTY = "easy"          # gtpt.synth.DIFFICULTIES: one whole figure per image, moderate pose, plain backgrounds
 SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "lr_milestones": (100,),
                                   "warmup_steps": 20, "ema_momentum": 0.9, "ema_schedule": "constant",
