@@ -46,7 +46,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -79,6 +79,23 @@ _BODY_OWNER = ((HEAD,), (HEAD,), (HEAD,), (HEAD,), (HEAD,), (TORSO, L_UPPERARM),
                (R_SHIN, R_FOOT))
 _WB_OWNER = (_BODY_OWNER + ((L_FOOT,),) * 3 + ((R_FOOT,),) * 3 + ((HEAD,),) * 68 + ((L_HAND,),) * 21
              + ((R_HAND,),) * 21)
+
+
+# Generator settings: "full" (the default of `gtpt synth`) varies everything the module docstring lists; "easy" (the
+# default dataset of `gtpt train`, sized so a small model learns it in minutes on a CPU) draws one whole figure per
+# image, 55-90 % of the image high, with moderate lean and limb angles, no occluders and plain gradient backgrounds.
+DIFFICULTIES: Dict[str, Dict[str, Any]] = {
+    "full": {"lean_sd": 0.22, "lean_max": 0.6, "arm1": (-0.5, 2.8), "arm2": (-0.3, 2.4), "arm2_back": 0.3,
+             "leg1": (-0.35, 1.2), "leg2": (0.0, 1.6), "leg2_back": 0.4, "behind": 0.3, "yaw_sd": 0.25,
+             "height": (0.3, 0.95), "two": 0.2, "cut": 0.12, "occluder": 0.35, "backgrounds": (0, 1, 2, 3),
+             "margins": (0.25, 0.47, 0.45), "width_ref": None},
+    "easy": {"lean_sd": 0.1, "lean_max": 0.3, "arm1": (0.0, 1.8), "arm2": (-0.2, 1.2), "arm2_back": 0.0,
+             "leg1": (-0.1, 0.5), "leg2": (0.0, 0.7), "leg2_back": 0.0, "behind": 0.0, "yaw_sd": 0.1,
+             "height": (0.55, 0.9), "two": 0.0, "cut": 0.0, "occluder": 0.0, "backgrounds": (1,),
+             # (pelvis to the image side, top, bottom in figure heights: room for outstretched or raised arms;
+             # the height is taken of min(image height, width_ref x width) so a narrow image still holds it)
+             "margins": (0.5, 0.58, 0.47), "width_ref": 1.0},
+}
 
 
 class SynthError(ValueError):
@@ -161,8 +178,10 @@ def _random_colour(rng: np.random.Generator, grey_mix: float = 0.0) -> Tuple[int
     return tuple(int(v) for v in c)
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    kind = int(rng.integers(0, 4))   # 0 noise, 1 gradient, 2 clutter, 3 gradient + clutter
+def _background(rng: np.random.Generator, width: int, height: int, kinds: Sequence[int] = (0, 1, 2, 3)
+                ) -> Image.Image:
+    # 0 noise, 1 gradient, 2 clutter, 3 gradient + clutter
+    kind = int(rng.integers(0, 4)) if len(kinds) == 4 else int(kinds[int(rng.integers(0, len(kinds)))])
     if kind == 0:
         base = np.array(_random_colour(rng, 0.5), dtype=np.float32)
         coarse = rng.normal(0, rng.uniform(15, 50), (max(2, height // 16), max(2, width // 16), 3))
@@ -244,10 +263,12 @@ def _face_template() -> np.ndarray:
 _FACE = _face_template()
 
 
-def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: float, wholebody: bool
-                 ) -> _Figure:
-    """Draw one figure of height ``h`` around ``pelvis``; returns its keypoints in COCO(-WholeBody) order."""
-    lean = float(np.clip(rng.normal(0, 0.22), -0.6, 0.6))
+def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: float, wholebody: bool,
+                 d: Optional[Mapping[str, Any]] = None) -> _Figure:
+    """Draw one figure of height ``h`` around ``pelvis``; returns its keypoints in COCO(-WholeBody) order. ``d``:
+    the ranges of a :data:`DIFFICULTIES` entry (default "full")."""
+    d = DIFFICULTIES["full"] if d is None else d
+    lean = float(np.clip(rng.normal(0, d["lean_sd"]), -d["lean_max"], d["lean_max"]))
     up = -_unit(lean)                                  # pelvis -> neck
     side = np.array([-up[1], up[0]])                  # towards the person's left (image right when upright)
     prop = rng.uniform(0.9, 1.1, 8)
@@ -263,15 +284,15 @@ def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: f
     l_hip, r_hip = pelvis + side * hip_half, pelvis - side * hip_half
 
     def arm(shoulder: np.ndarray, sign: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a1 = lean + sign * rng.uniform(-0.5, 2.8)          # from hanging down, outwards for sign = +1 (left)
-        a2 = a1 + sign * rng.uniform(-0.3, 2.4) * (1 if rng.random() < 0.7 else -1)
+        a1 = lean + sign * rng.uniform(*d["arm1"])         # from hanging down, outwards for sign = +1 (left)
+        a2 = a1 + sign * rng.uniform(*d["arm2"]) * (1 if rng.random() < 1 - d["arm2_back"] else -1)
         elbow = shoulder + _unit(a1) * upper_arm
         wrist = elbow + _unit(a2) * forearm
         return elbow, wrist, _unit(a2)
 
     def leg(hip: np.ndarray, sign: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a1 = lean + sign * rng.uniform(-0.35, 1.2)
-        a2 = a1 - sign * rng.uniform(0.0, 1.6) * (1 if rng.random() < 0.6 else -0.4)
+        a1 = lean + sign * rng.uniform(*d["leg1"])
+        a2 = a1 - sign * rng.uniform(*d["leg2"]) * (1 if rng.random() < 1 - d["leg2_back"] else -0.4)
         knee = hip + _unit(a1) * thigh
         ankle = knee + _unit(a2) * shin
         return knee, ankle, _unit(a2)
@@ -331,7 +352,7 @@ def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: f
         p.polygon([an, heel, small, big], ft_part, col[ft_part])
         p.limb(heel, big, 0.03 * h, 0.022 * h, ft_part, col[ft_part])
 
-    behind = int(rng.integers(0, 2)) if rng.random() < 0.3 else -1   # an arm passing behind the torso
+    behind = int(rng.integers(0, 2)) if rng.random() < d["behind"] else -1   # an arm passing behind the torso
     if behind >= 0:
         draw_arm(behind)
     for leg_i in (0, 1):
@@ -345,7 +366,7 @@ def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: f
 
     # head: tilt, a small yaw that shifts the face towards one side
     tilt = lean + rng.normal(0, 0.12)
-    yaw = float(np.clip(rng.normal(0, 0.25), -0.5, 0.5))
+    yaw = float(np.clip(rng.normal(0, d["yaw_sd"]), -0.5, 0.5))
     head_c = neck - _unit(tilt) * (0.09 * h * rng.uniform(0.95, 1.05))
     p.limb(neck, head_c, 0.04 * h, 0.04 * h, HEAD, col[HEAD])
 
@@ -384,34 +405,36 @@ def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: f
     return _Figure(np.concatenate([body, foot_pts, face, hands[L_HAND], hands[R_HAND]]), _WB_OWNER)
 
 
-def render_image(rng: np.random.Generator, wholebody: bool = False, size: Optional[Tuple[int, int]] = None
-                 ) -> Tuple[Image.Image, List[Dict[str, Any]], np.ndarray]:
+def render_image(rng: np.random.Generator, wholebody: bool = False, size: Optional[Tuple[int, int]] = None,
+                 difficulty: str = "full") -> Tuple[Image.Image, List[Dict[str, Any]], np.ndarray]:
     """One image: ``(image, people, label_map)``. Each person is a dict with ``keypoints`` ``(K, 3)`` (x, y,
     visibility 0 / 1 / 2), ``bbox`` (x, y, w, h) and ``area``; ``label_map`` (H, W) uint8 holds
     ``1 + 32 * person + part`` where a figure's part is the drawn pixel, 255 for occluders, 0 for background."""
+    d = DIFFICULTIES[difficulty]
     width, height = size if size is not None else (int(rng.integers(256, 385)), int(rng.integers(256, 385)))
-    image = _background(rng, width, height)
+    image = _background(rng, width, height, d["backgrounds"])
     labels = Image.new("L", (width, height), 0)
     p = _Painter(image, labels)
-    n = 1 if rng.random() < 0.8 else MAX_PERSONS
+    n = 1 if rng.random() < 1 - d["two"] else MAX_PERSONS
     figures, masks = [], []
     for i in range(n):
-        h = rng.uniform(0.3, 0.95) * height / (1.0 if n == 1 else 1.15)
-        cut = rng.random() < 0.12           # some figures run over the border
-        margin_x = 0.25 * h
+        ref = height if d["width_ref"] is None else min(height, d["width_ref"] * width)
+        h = rng.uniform(*d["height"]) * ref / (1.0 if n == 1 else 1.15)
+        cut = rng.random() < d["cut"]          # some figures run over the border
+        margin_x = d["margins"][0] * h
         left, right = width * i / n, width * (i + 1) / n      # two figures: one in each half, overlapping a bit
         lo_x, hi_x = (left + margin_x / n, right - margin_x / n) if not cut else (left, right)
         if hi_x <= lo_x:
             lo_x = hi_x = (left + right) / 2
         x = rng.uniform(lo_x, hi_x)
-        top, bottom = 0.47 * h, 0.45 * h     # pelvis to head top / feet
+        top, bottom = d["margins"][1] * h, d["margins"][2] * h     # pelvis to head top / feet
         lo_y, hi_y = (top, height - bottom) if not cut else (0.2 * h, height - 0.1 * h)
         y = rng.uniform(lo_y, hi_y) if hi_y > lo_y else height / 2
         mask = Image.new("1", (width, height), 0)
         p.person(mask, i)
-        figures.append(_draw_figure(p, rng, np.array([x, y]), h, wholebody))
+        figures.append(_draw_figure(p, rng, np.array([x, y]), h, wholebody, d))
         masks.append(mask)
-        if rng.random() < 0.35:             # an object over part of this figure
+        if rng.random() < d["occluder"]:             # an object over part of this figure
             p.mask = None
             for _ in range(int(rng.integers(1, 3))):
                 at = figures[-1].keypoints[int(rng.integers(0, 17))]
@@ -511,7 +534,8 @@ def _detections(rng: np.random.Generator, people: Sequence[Dict[str, Any]], imag
     return dets
 
 
-def _write_split(root: str, split: str, count: int, seed: int, wholebody: bool, progress=None) -> Dict[str, int]:
+def _write_split(root: str, split: str, count: int, seed: int, wholebody: bool, progress=None,
+                 difficulty: str = "full") -> Dict[str, int]:
     paths = dataset_paths(root, wholebody)
     image_dir = paths[f"{split}_image_root"]
     os.makedirs(image_dir, exist_ok=True)
@@ -519,7 +543,7 @@ def _write_split(root: str, split: str, count: int, seed: int, wholebody: bool, 
     split_id = 0 if split == "train" else 1
     for i in range(count):
         rng = np.random.default_rng([seed, split_id, i])
-        image, people, _ = render_image(rng, wholebody)
+        image, people, _ = render_image(rng, wholebody, difficulty=difficulty)
         name = f"{i:06d}.jpg"
         image.save(os.path.join(image_dir, name), quality=JPEG_QUALITY)
         image_id = i + 1
@@ -549,9 +573,11 @@ def split_counts(num_images: int, val_fraction: float = VAL_FRACTION) -> Tuple[i
 
 
 def generate(out_dir: str, num_images: int, wholebody: bool = False, seed: int = 0,
-             val_fraction: float = VAL_FRACTION, progress=None) -> Dict[str, Any]:
+             val_fraction: float = VAL_FRACTION, progress=None, difficulty: str = "full") -> Dict[str, Any]:
     """Write a dataset of ``num_images`` images (train + val) into ``out_dir`` (created; must be empty or
-    absent). Returns the ``synth.json`` record (counts and paths)."""
+    absent). ``difficulty``: a key of :data:`DIFFICULTIES`. Returns the ``synth.json`` record (counts and paths)."""
+    if difficulty not in DIFFICULTIES:
+        raise SynthError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, int):
         raise SynthError(f"--images must be an integer, got {num_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -561,9 +587,9 @@ def generate(out_dir: str, num_images: int, wholebody: bool = False, seed: int =
     _check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     info = {"format": "gtpt-synth", "version": SYNTH_VERSION, "seed": seed, "wholebody": wholebody,
-            "num_keypoints": 133 if wholebody else 17, "images": num_images}
-    info["train"] = _write_split(out_dir, "train", n_train, seed, wholebody, progress)
-    info["val"] = _write_split(out_dir, "val", n_val, seed, wholebody, progress)
+            "num_keypoints": 133 if wholebody else 17, "images": num_images, "difficulty": difficulty}
+    info["train"] = _write_split(out_dir, "train", n_train, seed, wholebody, progress, difficulty)
+    info["val"] = _write_split(out_dir, "val", n_val, seed, wholebody, progress, difficulty)
     info["paths"] = {k: os.path.relpath(v, out_dir) for k, v in dataset_paths(out_dir, wholebody).items()}
     with open(os.path.join(out_dir, "synth.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -598,13 +624,17 @@ def default_cache_dir() -> str:
 
 
 def ensure_cached(num_images: int, wholebody: bool = False, seed: int = 0, cache_dir: Optional[str] = None,
-                  progress=None) -> Tuple[str, bool]:
+                  progress=None, difficulty: str = "full", val_fraction: float = VAL_FRACTION) -> Tuple[str, bool]:
     """The folder of a generated dataset with these parameters under the cache, generated first when it is not
     there (into a temporary folder renamed into place, so an interrupted generation is never reused). Returns
     ``(folder, generated_now)``."""
     cache_dir = os.path.abspath(cache_dir or default_cache_dir())
-    key = json.dumps({"v": SYNTH_VERSION, "n": num_images, "wb": bool(wholebody), "seed": seed}, sort_keys=True)
-    name = f"synth-{'wholebody-' if wholebody else ''}{num_images}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    fields = {"v": SYNTH_VERSION, "n": num_images, "wb": bool(wholebody), "seed": seed}
+    if difficulty != "full" or val_fraction != VAL_FRACTION:   # (the key of a default dataset is unchanged)
+        fields.update(difficulty=difficulty, val=val_fraction)
+    key = json.dumps(fields, sort_keys=True)
+    name = (f"synth-{'wholebody-' if wholebody else ''}{'' if difficulty == 'full' else difficulty + '-'}"
+            f"{num_images}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
     root = os.path.join(cache_dir, name)
     if os.path.isfile(os.path.join(root, "synth.json")):
         return root, False
@@ -616,7 +646,8 @@ def ensure_cached(num_images: int, wholebody: bool = False, seed: int = 0, cache
                          f"to a writable folder") from None
     try:
         shutil.rmtree(tmp)
-        generate(tmp, num_images, wholebody, seed, progress=progress)
+        generate(tmp, num_images, wholebody, seed, val_fraction=val_fraction, progress=progress,
+                 difficulty=difficulty)
         try:
             os.rename(tmp, root)
         except OSError:

@@ -110,6 +110,8 @@ class TrainConfig:
     lr_milestones: Tuple[int, ...] = (200, 260)
     lr_gamma: float = 0.1
     ema_momentum: float = 0.996
+    ema_schedule: str = "cosine"             # "cosine": momentum rises to 1 (official); "constant": held at ema_momentum
+    warmup_steps: int = 0                    # linear lr warm-up over the first N optimizer steps (official: none)
     amp: str = "none"                        # "none" | "bf16" | "fp16" (fp16 adds a GradScaler)
     workers: int = dataclasses.field(default_factory=default_workers)  # min(4, usable cores - 1)
     seed: int = 42
@@ -153,6 +155,10 @@ class TrainConfig:
         object.__setattr__(self, "lr_milestones", milestones)
         need(is_num(self.ema_momentum) and 0 <= self.ema_momentum <= 1,
              f"ema_momentum must be in [0, 1], got {self.ema_momentum!r}")
+        need(self.ema_schedule in ("cosine", "constant"),
+             f"ema_schedule must be cosine or constant, got {self.ema_schedule!r}")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         need(self.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         need(self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1),
@@ -205,7 +211,7 @@ class ModelEMA:
     (``num_batches_tracked``) are copied. ``module`` is a frozen eval-mode copy: the model that is validated and
     exported."""
 
-    def __init__(self, model: nn.Module, base_momentum: float = 0.996, total_steps: int = 1):
+    def __init__(self, model: nn.Module, base_momentum: float = 0.996, total_steps: int = 1, ramp: bool = True):
         if not 0.0 <= base_momentum <= 1.0:
             raise ValueError(f"base_momentum must be in [0, 1], got {base_momentum}")
         if total_steps < 1:
@@ -213,9 +219,12 @@ class ModelEMA:
         self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
         self.base_momentum = float(base_momentum)
         self.total_steps = int(total_steps)
+        self.ramp = bool(ramp)   # False: the momentum stays at base_momentum (no cosine rise to 1)
 
     def momentum(self, step: int) -> float:
         """m at global iteration ``step`` (0-based, official ``epoch * iters_per_epoch + i``); held at 1 past T."""
+        if not self.ramp:
+            return self.base_momentum
         t = min(max(int(step), 0), self.total_steps)
         return 1.0 - (1.0 - self.base_momentum) * (1.0 + math.cos(math.pi * t / self.total_steps)) / 2.0
 
@@ -631,7 +640,8 @@ class _Trainer:
         if resume_state is None and cfg.init_from is not None:
             self.init_report = init_from_checkpoint(self.model, cfg.init_from)
         self.model.to(device)
-        self.ema = ModelEMA(self.model, cfg.ema_momentum, cfg.epochs * self.steps_per_epoch)
+        self.ema = ModelEMA(self.model, cfg.ema_momentum, cfg.epochs * self.steps_per_epoch,
+                            ramp=cfg.ema_schedule == "cosine")
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -762,6 +772,12 @@ class _Trainer:
             if cfg.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if cfg.warmup_steps and self.global_step <= cfg.warmup_steps:
+                # linear warm-up from the epoch's scheduled lr / warmup_steps; set whole each step, so it is a
+                # function of (epoch, global step) alone and a resumed run gets the same lr
+                base = cfg.lr * cfg.lr_gamma ** sum(m <= self.epoch + 1 for m in cfg.lr_milestones)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = base * min(1.0, (self.global_step + 1) / cfg.warmup_steps)
             with _hold_stop_signals():
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -989,10 +1005,12 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
 # `gtpt train` without data options trains on a generated dataset (gtpt.synth) with these defaults instead of the
 # official COCO schedule; every one of them can still be given on the command line. Chosen for a 2-core CPU: see
 # README "Training without COCO".
-SYNTH_IMAGES = 640
-SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 1e-3, "lr_milestones": (4,),
-                                  "ema_momentum": 0.9, "val_every": 1, "log_every": 20, "flip": False,
-                                  "augment": "light"}
+SYNTH_IMAGES = 264                 # 216 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 27 steps, validated after each
+SYNTH_VAL_FRACTION = 2 / 11
+SYNTH_DIFFICULTY = "easy"          # gtpt.synth.DIFFICULTIES: one whole figure per image, moderate pose, plain backgrounds
+SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "lr_milestones": (100,),
+                                  "warmup_steps": 20, "ema_momentum": 0.9, "ema_schedule": "constant",
+                                  "val_every": 1, "log_every": 10, "flip": False, "augment": "none"}
 _DATA_FIELDS = ("train_ann_file", "train_image_root", "val_ann_file", "val_image_root", "val_detections_file")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
@@ -1079,6 +1097,10 @@ def build_arg_parser(prog: str = "python -m gtpt.train") -> argparse.ArgumentPar
                    help=f"lr decay factor (default {_DEFAULTS['lr_gamma']})")
     o.add_argument("--ema-momentum", type=float, default=None,
                    help=f"starting EMA momentum, rising to 1 on a cosine ({syn('ema_momentum')})")
+    o.add_argument("--ema-schedule", choices=("cosine", "constant"), default=None,
+                   help=f"EMA momentum: cosine rise to 1 over the run, or constant ({syn('ema_schedule')})")
+    o.add_argument("--warmup-steps", type=_int_at_least(0), default=None,
+                   help=f"linear lr warm-up over the first N steps ({syn('warmup_steps')})")
     o.add_argument("--max-steps", type=_int_at_least(1), default=None,
                    help="stop after this many optimizer steps in all (smoke runs; default: no limit)")
     o.add_argument("--grad-clip", type=_positive_float, default=None,
@@ -1183,7 +1205,8 @@ def _resolve_cli(args: Dict[str, Any], prog: str) -> Tuple[Dict[str, Any], List[
         wholebody = get_config(args["variant"]).wholebody  # raises on an unknown variant (caught by main)
         t0 = time.perf_counter()
         try:
-            root, made = ensure_cached(SYNTH_IMAGES, wholebody=wholebody, seed=0,
+            root, made = ensure_cached(SYNTH_IMAGES, wholebody=wholebody, seed=0, difficulty=SYNTH_DIFFICULTY,
+                                       val_fraction=SYNTH_VAL_FRACTION,
                                        progress=lambda m: print(f"{prog}: generating the synthetic dataset: {m}",
                                                                 file=sys.stderr, flush=True))
         except SynthError as e:

@@ -3,6 +3,7 @@ load through gtpt.data and score through gtpt.evaluate, keypoints where the figu
 the cache that `gtpt train` uses."""
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -187,3 +188,29 @@ def test_cache_is_reused_and_follows_gtpt_cache(tmp_path, monkeypatch):
     assert [n for n in os.listdir(tmp_path / "cache") if ".tmp-" in n] == []  # no half-written folder left
     with pytest.raises(SynthError, match="--images"):
         generate(str(tmp_path / "x"), 1)
+
+
+def test_easy_setting_draws_one_whole_unoccluded_figure_and_keys_the_cache(tmp_path):
+    """The `gtpt train` default dataset ("easy"): one figure per image, every body joint labelled inside the image,
+    no occluder pixels, moderate lean; the full setting (gtpt synth's default) varies more. Its cache folder is
+    keyed apart from the full one."""
+    leans_easy, occluded_full, two_full = [], 0, 0
+    for i in range(40):
+        image, people, labels = render_image(np.random.default_rng([0, 0, i]), difficulty="easy")
+        assert len(people) == 1
+        kp = people[0]["keypoints"]
+        assert (kp[:, 2] > 0).all() and (kp[:, 0] > 0).all() and (kp[:, 0] < image.width).all()
+        assert not (labels == 255).any()
+        mid_sh, mid_hip = (kp[5, :2] + kp[6, :2]) / 2, (kp[11, :2] + kp[12, :2]) / 2
+        leans_easy.append(abs(math.atan2(mid_sh[0] - mid_hip[0], mid_hip[1] - mid_sh[1])))
+        _, people_full, labels_full = render_image(np.random.default_rng([0, 0, i]))
+        occluded_full += bool((labels_full == 255).any())
+        two_full += len(people_full) == 2
+    assert max(leans_easy) <= 0.31 and occluded_full > 0 and two_full > 0
+    easy, _ = ensure_cached(3, seed=1, cache_dir=str(tmp_path), difficulty="easy", val_fraction=0.34)
+    full, _ = ensure_cached(3, seed=1, cache_dir=str(tmp_path))
+    assert easy != full and "easy" in os.path.basename(easy)
+    info = json.load(open(os.path.join(easy, "synth.json")))
+    assert info["difficulty"] == "easy" and (info["train"]["images"], info["val"]["images"]) == (2, 1)
+    with pytest.raises(SynthError, match="difficulty"):
+        generate(str(tmp_path / "x"), 3, difficulty="hard")

@@ -214,6 +214,21 @@ def test_training_steps_update_student_and_ema(baseline):
     assert last["metrics"] == summary["metrics"] and (last["epoch"], last["step_in_epoch"]) == (2, 0)
 
 
+def test_warmup_and_constant_ema(tmp_path, one_thread):
+    """The synthetic-data recipe's options: a linear lr warm-up over the first steps (on top of the epoch's decayed
+    lr) and an EMA momentum held at its start value; the official defaults (no warm-up, cosine) stay as they were."""
+    assert (TrainConfig("gtpt-t", "x").warmup_steps, TrainConfig("gtpt-t", "x").ema_schedule) == (0, "cosine")
+    assert ModelEMA(nn.Linear(2, 2), 0.9, 10, ramp=False).momentum(7) == 0.9
+    summary = train(small_config(tmp_path, warmup_steps=3, ema_schedule="constant", ema_momentum=0.5),
+                    SyntheticPoseDataset())
+    steps = [r for r in read_log(tmp_path) if r["event"] == "train"]
+    assert [r["lr"] for r in steps] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-4, 1e-4])
+    assert [r["ema_momentum"] for r in steps] == [0.5] * 4 and summary["steps"] == 4
+    for bad in ({"warmup_steps": -1}, {"ema_schedule": "linear"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig("gtpt-t", "x", **bad)
+
+
 def test_same_seed_gives_bitwise_identical_weights(baseline, tmp_path):
     out, summary, _ = baseline
     again = train(small_config(tmp_path), SyntheticPoseDataset())

@@ -48,7 +48,7 @@ def synth_run(tmp_path_factory):
     cache, out = base / "cache", base / "run"
     mp = pytest.MonkeyPatch()
     mp.setenv("GTPT_CACHE", str(cache))
-    mp.setattr(T, "SYNTH_IMAGES", 8)  # 6 train + 2 val images keep the test short; the default is sized for a CPU
+    mp.setattr(T, "SYNTH_IMAGES", 8)  # 7 train + 1 val image keep the test short; the default is sized for a CPU
     import contextlib
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -64,9 +64,12 @@ def test_no_data_options_train_and_validate_on_the_synthetic_dataset(synth_run):
     cfg = [r for r in log if r["event"] == "start"][0]["config"]
     assert cfg["train_ann_file"].startswith(synth_run["cache"]) and "person_keypoints_train.json" in cfg["train_ann_file"]
     assert cfg["val_ann_file"].endswith("person_keypoints_val.json")
-    # the synthetic defaults (not the official 300 epochs / batch 64 / EMA 0.996 / flip)
+    # the synthetic defaults (not the official 300 epochs / batch 64 / lr 1e-3 / cosine EMA from 0.996 / flip)
     assert (cfg["epochs"], cfg["ema_momentum"], cfg["flip"], cfg["augment"]) == (
-        T.SYNTH_DEFAULTS["epochs"], T.SYNTH_DEFAULTS["ema_momentum"], False, "light")
+        T.SYNTH_DEFAULTS["epochs"], T.SYNTH_DEFAULTS["ema_momentum"], False, T.SYNTH_DEFAULTS["augment"])
+    assert (cfg["lr"], cfg["warmup_steps"], cfg["ema_schedule"]) == (
+        T.SYNTH_DEFAULTS["lr"], T.SYNTH_DEFAULTS["warmup_steps"], "constant")
+    assert "synth-easy-8-" in cfg["train_ann_file"]  # the easy generator setting
     assert cfg["batch_size"] == 2  # a flag given on the command line wins
     assert [r["global_step"] for r in log if r["event"] == "train"] == [1, 2]
     val = [r for r in log if r["event"] == "val"]
