@@ -213,7 +213,8 @@ def test_pruned_path_is_faster_than_unpruned(tiny_model):
     # Timing: interleaved runs and the minimum per path, so load from other processes cannot make the pruned
     # path look slower; the margin (expected ~2-2.5x) leaves ample room.
     r = compare_paths("gtpt-t", batch_size=1, repeats=5, warmup=1, model=tiny_model)
-    assert len(r["times_ms"]["pruned"]) == len(r["times_ms"]["unpruned"]) == 5
+    # 5 rounds, more when the spread is wide (gtpt profile adds rounds on a noisy machine)
+    assert len(r["times_ms"]["pruned"]) == len(r["times_ms"]["unpruned"]) >= 5
     assert r["speedup_min"] > 1.3, r
 
 
