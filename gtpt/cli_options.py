@@ -8,6 +8,7 @@ the ones defined next to the code that uses them (``gtpt_kernels.backend.BACKEND
 from __future__ import annotations
 
 import argparse
+from typing import Callable, Optional
 
 from .config import list_variants
 
@@ -36,24 +37,23 @@ INFER_DESCRIPTION = (
     "random; with one, the variant is read from it.")
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def int_at_least(low: int, what: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``; the error reads "expected <what>, got '...'"."""
+    what = what or f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
+positive_int = int_at_least(1, "a positive integer")
+nonneg_int = int_at_least(0, "a non-negative integer")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

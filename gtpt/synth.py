@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .cli_options import int_at_least
 from .keypoints import COCO_NAMES, WHOLEBODY_NAMES
 
 __all__ = ["SYNTH_VERSION", "generate", "dataset_paths", "render_image", "ensure_cached", "default_cache_dir",
@@ -663,24 +664,7 @@ def ensure_cached(num_images: int, wholebody: bool = False, seed: int = 0, cache
 # gtpt synth
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    def count(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {s!r}") from None
-        if v < 2:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {s!r}")
-        return v
-
-    def seed(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-        return v
-
+    count, seed = int_at_least(2), int_at_least(0)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     parser.add_argument("--images", type=count, required=True, metavar="N",
                         help=f"images in all; {VAL_FRACTION:.0%}% (at least one) go to the val split")

@@ -49,6 +49,7 @@ from gtpt_kernels.backend import BACKENDS
 from . import profiler
 from .checkpoint import (CheckpointError, read_checkpoint, read_model_state_dict, save_checkpoint, select_ema,
                          unwrap_state_dict)
+from .cli_options import int_at_least
 from .config import get_config
 from .loss import GlobalPerceivedLoss
 from .model import build_model
@@ -1015,16 +1016,7 @@ _DATA_FIELDS = ("train_ann_file", "train_image_root", "val_ann_file", "val_image
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return v
-    return parse
+_int_at_least = int_at_least  # gtpt.cli_options (torch-free; shared with the other commands)
 
 
 def _positive_float(text: str) -> float:
