@@ -345,3 +345,46 @@ def test_config_validation():
             dataclasses.replace(cfg, **kw)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 64
+
+
+def test_cpu_training_attention_through_sdpa_matches_the_reference(monkeypatch, one_thread):
+    """Train mode on CPU without the Triton interpreter (simulated: the op resolves to its reference) runs the
+    attention through SDPA: same logits and gradients as the reference ops, the padded fine-layer row included;
+    an explicit backend="reference", set_fast_training(False) and FlopCounterMode keep the reference."""
+    import gtpt.model as model_module
+    from gtpt import fast_inference
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(model_module, "resolve_backend", lambda backend, device: "reference")
+    calls = []
+    orig = fast_inference.sdpa_group_attention
+    monkeypatch.setattr(fast_inference, "sdpa_group_attention", lambda *a: calls.append(a[2]) or orig(*a))
+    torch.manual_seed(0)
+    m = gtpt.build_model("gtpt-t", backend="auto").train()
+    x = torch.randn(2, 3, 256, 192, generator=torch.Generator().manual_seed(3))
+
+    def step(fast):
+        m.set_fast_training(fast)
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # identical BN batches either way
+        outs = m(x)
+        sum((o.float().log_softmax(-1) * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grad = step(False)
+    assert not calls
+    fast_out, fast_grad = step(True)
+    assert len(calls) == 12 + 6 and set(calls) == {0, 6}  # 6 coarse + 6 fine layers, teacher fine pass too
+    for a, b in zip(fast_out, ref_out):
+        assert_close(a, b, rtol=1e-4, what="train-mode logits")
+        assert not torch.equal(a, b)  # SDPA did run (fp32 rounding differs)
+    assert fast_grad.keys() == ref_grad.keys()
+    for n in ref_grad:
+        assert_close(fast_grad[n], ref_grad[n], rtol=1e-3, what=n)
+    calls.clear()
+    m.set_backend("reference")
+    step(True)
+    with FlopCounterMode(display=False):
+        m.set_backend("auto")
+        m(x)
+    assert not calls
