@@ -12,7 +12,10 @@ call of each contender per round, so load changes on a shared machine hit them a
   Inductor options (e.g. ``{"freezing": True}``: weights folded as constants, convolutions prepacked);
 * ``onnxruntime`` - ONNX Runtime on our ONNX export (``gtpt.export.export_onnx``);
 * ``pt2`` - the ``torch.export`` + AOTInductor package (``gtpt.export.export_pt2``);
-* ``onnxruntime-official`` - ONNX Runtime on the official forward exported with ``torch.onnx.export``.
+* ``onnxruntime-official`` - ONNX Runtime on the official forward exported with ``torch.onnx.export``;
+* ``onnxruntime-fixed``, ``onnxruntime-official-fixed`` - the same two files, the session told the batch size
+  (``SessionOptions.add_free_dimension_override_by_name``), so ONNX Runtime folds the graph's shape arithmetic
+  for that batch; a deployment with a fixed batch (as TensorRT engines usually are) can do the same.
 
 A contender that cannot run here (no ``gtpt.export``, no ``tests/official_port.py``, an export that fails) is
 skipped with its reason; the rest still run. Ratios are ``official median / contender median`` from the same
@@ -34,7 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import torch
 from torch import Tensor, nn
 
-RUNTIMES = ("official", "eager", "eager-fused", "compile", "onnxruntime", "pt2", "onnxruntime-official")
+RUNTIMES = ("official", "eager", "eager-fused", "compile", "onnxruntime", "pt2", "onnxruntime-official",
+            "onnxruntime-fixed", "onnxruntime-official-fixed")
 
 
 class Unavailable(Exception):
@@ -88,11 +92,13 @@ def _export_module():
     return export
 
 
-def _onnx_session(path: str, threads: int):
+def _onnx_session(path: str, threads: int, batch: Optional[Dict[str, int]] = None):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    for dim, size in (batch or {}).items():  # a fixed batch: shape arithmetic folds at session creation
+        opts.add_free_dimension_override_by_name(dim, size)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -119,7 +125,8 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
     if name == "compile":
         torch._dynamo.reset()  # a fresh compile per configuration
         return _compiled(plain, images, cache.get("compile_configs"))
-    if name == "onnxruntime":
+    B = images.size(0)
+    if name in ("onnxruntime", "onnxruntime-fixed"):
         key = f"{variant}/onnx"
         if key not in cache:
             path = os.path.join(workdir, f"{variant}.onnx")
@@ -130,7 +137,8 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
             except Exception as e:  # an export failure skips the contender, it does not end the run
                 raise Unavailable(f"export_onnx failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             cache[key] = path
-        return _ort_runner(_onnx_session(cache[key], threads), images)
+        fixed = {"batch": B} if name == "onnxruntime-fixed" else None  # export_onnx names the axis "batch"
+        return _ort_runner(_onnx_session(cache[key], threads, fixed), images)
     if name == "pt2":
         key = f"{variant}/pt2/{threads}"  # Inductor fixes the OpenMP thread count at compile time
         if key not in cache:
@@ -143,7 +151,7 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
                 raise Unavailable(f"export_pt2 failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         runner = cache[key]
         return lambda: runner(images)
-    if name == "onnxruntime-official":
+    if name in ("onnxruntime-official", "onnxruntime-official-fixed"):
         key = f"{variant}/onnx-official"
         if key not in cache:
             path = os.path.join(workdir, f"{variant}-official.onnx")
@@ -159,7 +167,8 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
                 raise Unavailable(f"torch.onnx.export of the official forward failed: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}")
             cache[key] = path
-        return _ort_runner(_onnx_session(cache[key], threads), images)
+        fixed = {"N": B} if name == "onnxruntime-official-fixed" else None
+        return _ort_runner(_onnx_session(cache[key], threads, fixed), images)
     raise ValueError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIMES)}")
 
 
@@ -289,7 +298,8 @@ def runtimes_markdown(result: Dict[str, object]) -> str:
                  "(same rounds, same weights, same input).")
     for r, why in result.get("skipped", {}).items():
         lines.append(f"- `{r}` not run: {why}")
-    for r in ("compile", "pt2", "onnxruntime", "onnxruntime-official"):
+    for r in ("compile", "pt2", "onnxruntime", "onnxruntime-official", "onnxruntime-fixed",
+              "onnxruntime-official-fixed"):
         costs = [f"{c['variant']} B={c['batch_size']} t={c['threads']}: {c['runtimes'][r]['setup_s']:.0f} s"
                  for c in configs if r in c["runtimes"] and "setup_s" in c["runtimes"][r]]
         if costs:
