@@ -91,10 +91,17 @@ def main(argv=None) -> int:
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compiled-threads", nargs="+", type=int, default=None,
+                   help="thread counts at which compile and pt2 run (default: all of --threads); each is a "
+                        "separate minutes-long compile per variant and batch size (compile) or variant (pt2)")
+    p.add_argument("--freezing", action="store_true",
+                   help="torch.compile with Inductor freezing (weights as constants, prepacked convolutions)")
     p.add_argument("--out-dir", default="benchmarks/results/cpu/latest")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1 or min(args.threads) < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--batch-sizes, --threads and --repeats must be >= 1, --warmup >= 0")
+    if args.compiled_threads is not None and not set(args.compiled_threads) <= set(args.threads):
+        p.error("--compiled-threads must be a subset of --threads")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
@@ -104,7 +111,8 @@ def main(argv=None) -> int:
     workdir = os.path.join(args.out_dir, "_exports")
     os.makedirs(workdir, exist_ok=True)
     result = compare_runtimes(args.variants, args.batch_sizes, args.threads, args.runtimes, repeats=args.repeats,
-                              warmup=args.warmup, workdir=workdir)
+                              warmup=args.warmup, workdir=workdir, compiled_threads=args.compiled_threads,
+                              compile_configs={"freezing": True} if args.freezing else None)
     env = environment(load_before)
     md = runtimes_markdown(result)
     with open(os.path.join(args.out_dir, "environment.txt"), "w") as f:

@@ -77,7 +77,9 @@ class PoseEstimator:
     ``runtime``: ``"torch"`` (eager), ``"onnxruntime"`` (CPU) or ``"pt2"`` (AOTInductor) runs the forward; the
     crops, flip test and decoding are the same for all. ``exported``: the ``.onnx`` / ``.pt2`` file to run
     (``gtpt export``); without it the model is exported when the estimator is made (a ``.pt2`` compile takes
-    minutes on a CPU). ``threads``: ONNX Runtime's intra-op threads. See :class:`gtpt.export.ExportedRunner`."""
+    minutes on a CPU). ``threads``: ONNX Runtime's intra-op threads. See :class:`gtpt.export.ExportedRunner`.
+    On a CPU ``runtime="onnxruntime"`` was the fastest runtime measured (README, CPU inference; a one-time export
+    of a few seconds, none with ``exported``); the default ``"torch"`` needs no export."""
 
     def __init__(self, model_or_variant: Union[GTPT, str], checkpoint: Optional[Union[str, os.PathLike]] = None,
                  device: Optional[Union[str, torch.device]] = None, backend: str = "auto", flip_test: bool = True,

@@ -8,10 +8,14 @@ call of each contender per round, so load changes on a shared machine hit them a
 * ``eager`` - our model, fast inference path off (``model.set_fast_inference(False)``);
 * ``eager-fused`` - our model as it runs by default in eval (:mod:`gtpt.fast_inference`);
 * ``compile`` - ``torch.compile`` (Inductor, CPU C++) of our model, one compile per configuration
-  (``dynamic=False``; Inductor bakes the thread count into its OpenMP code);
+  (``dynamic=False``; Inductor bakes the thread count into its OpenMP code); ``compile_configs`` can add
+  Inductor options (e.g. ``{"freezing": True}``: weights folded as constants, convolutions prepacked);
 * ``onnxruntime`` - ONNX Runtime on our ONNX export (``gtpt.export.export_onnx``);
 * ``pt2`` - the ``torch.export`` + AOTInductor package (``gtpt.export.export_pt2``);
-* ``onnxruntime-official`` - ONNX Runtime on the official forward exported with ``torch.onnx.export``.
+* ``onnxruntime-official`` - ONNX Runtime on the official forward exported with ``torch.onnx.export``;
+* ``onnxruntime-fixed``, ``onnxruntime-official-fixed`` - the same two files, the session told the batch size
+  (``SessionOptions.add_free_dimension_override_by_name``), so ONNX Runtime folds the graph's shape arithmetic
+  for that batch; a deployment with a fixed batch (as TensorRT engines usually are) can do the same.
 
 A contender that cannot run here (no ``gtpt.export``, no ``tests/official_port.py``, an export that fails) is
 skipped with its reason; the rest still run. Ratios are ``official median / contender median`` from the same
@@ -33,7 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import torch
 from torch import Tensor, nn
 
-RUNTIMES = ("official", "eager", "eager-fused", "compile", "onnxruntime", "pt2", "onnxruntime-official")
+RUNTIMES = ("official", "eager", "eager-fused", "compile", "onnxruntime", "pt2", "onnxruntime-official",
+            "onnxruntime-fixed", "onnxruntime-official-fixed")
 
 
 class Unavailable(Exception):
@@ -87,11 +92,13 @@ def _export_module():
     return export
 
 
-def _onnx_session(path: str, threads: int):
+def _onnx_session(path: str, threads: int, batch: Optional[Dict[str, int]] = None):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    for dim, size in (batch or {}).items():  # a fixed batch: shape arithmetic folds at session creation
+        opts.add_free_dimension_override_by_name(dim, size)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -117,8 +124,9 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
         return lambda: model(images)
     if name == "compile":
         torch._dynamo.reset()  # a fresh compile per configuration
-        return _compiled(plain, images)
-    if name == "onnxruntime":
+        return _compiled(plain, images, cache.get("compile_configs"))
+    B = images.size(0)
+    if name in ("onnxruntime", "onnxruntime-fixed"):
         key = f"{variant}/onnx"
         if key not in cache:
             path = os.path.join(workdir, f"{variant}.onnx")
@@ -129,20 +137,21 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
             except Exception as e:  # an export failure skips the contender, it does not end the run
                 raise Unavailable(f"export_onnx failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             cache[key] = path
-        return _ort_runner(_onnx_session(cache[key], threads), images)
+        fixed = {"batch": B} if name == "onnxruntime-fixed" else None  # export_onnx names the axis "batch"
+        return _ort_runner(_onnx_session(cache[key], threads, fixed), images)
     if name == "pt2":
         key = f"{variant}/pt2/{threads}"  # Inductor fixes the OpenMP thread count at compile time
         if key not in cache:
             export = _export_module()
             path = os.path.join(workdir, f"{variant}-{threads}t.pt2")
             try:
-                export.export_pt2(plain, path)
+                export.export_pt2(plain, path, inductor_configs=cache.get("compile_configs"))
                 cache[key] = export.load_pt2(path)
             except Exception as e:
                 raise Unavailable(f"export_pt2 failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         runner = cache[key]
         return lambda: runner(images)
-    if name == "onnxruntime-official":
+    if name in ("onnxruntime-official", "onnxruntime-official-fixed"):
         key = f"{variant}/onnx-official"
         if key not in cache:
             path = os.path.join(workdir, f"{variant}-official.onnx")
@@ -158,12 +167,13 @@ def build_runner(name: str, model: nn.Module, images: Tensor, threads: int, work
                 raise Unavailable(f"torch.onnx.export of the official forward failed: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}")
             cache[key] = path
-        return _ort_runner(_onnx_session(cache[key], threads), images)
+        fixed = {"N": B} if name == "onnxruntime-official-fixed" else None
+        return _ort_runner(_onnx_session(cache[key], threads, fixed), images)
     raise ValueError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIMES)}")
 
 
-def _compiled(plain: nn.Module, images: Tensor) -> Callable[[], object]:
-    fn = torch.compile(plain, dynamic=False)
+def _compiled(plain: nn.Module, images: Tensor, configs: Optional[Dict[str, object]] = None) -> Callable[[], object]:
+    fn = torch.compile(plain, dynamic=False, options=dict(configs) if configs else None)
     return lambda: fn(images)
 
 
@@ -181,11 +191,14 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 def compare_runtimes(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), batch_sizes: Sequence[int] = (1, 8),
                      threads: Sequence[int] = (1, 2), runtimes: Sequence[str] = RUNTIMES, repeats: int = 15,
                      warmup: int = 2, workdir: Optional[str] = None, log: Optional[TextIO] = sys.stderr,
-                     seed: int = 0) -> Dict[str, object]:
+                     seed: int = 0, compiled_threads: Optional[Sequence[int]] = None,
+                     compile_configs: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Time every runtime on every (variant, batch size, threads) configuration, interleaved; see the module
     docstring. Returns ``{"configs": [...], "skipped": {runtime: reason}}``; each config has per-runtime
-    ``median_ms``, ``p20_ms``, ``p80_ms``, ``max_rel_err`` (vs ``official``, or ``eager`` without it) and
-    ``speedup_vs_official``."""
+    ``median_ms``, ``p20_ms``, ``p80_ms``, ``max_rel_err`` (vs ``official``, or ``eager`` without it),
+    ``setup_s`` (building the runner: export / compile, plus warm-up) and ``speedup_vs_official``.
+    ``compiled_threads``: thread counts at which ``compile`` and ``pt2`` run (each needs its own minutes-long
+    compile per thread count; None: all of ``threads``); elsewhere they are left out of that configuration."""
     from .model import build_model
 
     for r in runtimes:
@@ -200,16 +213,19 @@ def compare_runtimes(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), batch_sizes
         for variant in variants:
             torch.manual_seed(seed)
             model = trained_like_weights(build_model(variant, backend="reference"), seed).eval()
-            cache: Dict[str, object] = {}
+            cache: Dict[str, object] = {"compile_configs": compile_configs}
             for B in batch_sizes:
                 images = torch.randn(B, 3, *model.cfg.image_size, generator=torch.Generator().manual_seed(seed))
                 for t in threads:
                     torch.set_num_threads(t)
                     runners: Dict[str, Callable[[], object]] = {}
                     refs: Dict[str, List[Tensor]] = {}
+                    setup: Dict[str, float] = {}
                     with torch.no_grad():
                         for r in runtimes:
                             if r in skipped:
+                                continue
+                            if r in ("compile", "pt2") and compiled_threads is not None and t not in compiled_threads:
                                 continue
                             t0 = time.perf_counter()
                             try:
@@ -221,6 +237,7 @@ def compare_runtimes(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), batch_sizes
                                 say(f"skip {r}: {e}")
                                 continue
                             runners[r], refs[r] = fn, _outputs(out)
+                            setup[r] = time.perf_counter() - t0
                             # an exporter restores the mode of what it exported, which for a wrapper module can
                             # be train(): keep every model in eval
                             for m in (model, cache[f"{variant}/plain"]):
@@ -240,7 +257,8 @@ def compare_runtimes(variants: Sequence[str] = ("gtpt-t", "gtpt-s"), batch_sizes
                             err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                       for a, b in zip(refs[r], refs[base]))
                         res[r] = {"median_ms": statistics.median(ts), "p20_ms": _quantile(ts, 0.2),
-                                  "p80_ms": _quantile(ts, 0.8), "max_rel_err": err, "times_ms": ts}
+                                  "p80_ms": _quantile(ts, 0.8), "max_rel_err": err, "setup_s": setup[r],
+                                  "times_ms": ts}
                     if "official" in res:
                         for r in res:
                             res[r]["speedup_vs_official"] = res["official"]["median_ms"] / res[r]["median_ms"]
@@ -280,6 +298,13 @@ def runtimes_markdown(result: Dict[str, object]) -> str:
                  "(same rounds, same weights, same input).")
     for r, why in result.get("skipped", {}).items():
         lines.append(f"- `{r}` not run: {why}")
+    for r in ("compile", "pt2", "onnxruntime", "onnxruntime-official", "onnxruntime-fixed",
+              "onnxruntime-official-fixed"):
+        costs = [f"{c['variant']} B={c['batch_size']} t={c['threads']}: {c['runtimes'][r]['setup_s']:.0f} s"
+                 for c in configs if r in c["runtimes"] and "setup_s" in c["runtimes"][r]]
+        if costs:
+            lines.append(f"- `{r}` setup (export / compile + warm-up, wall; a cached export or package shows only "
+                         f"its warm-up): " + ", ".join(costs))
     errs = [(c["variant"], c["batch_size"], r, v["max_rel_err"]) for c in configs for r, v in c["runtimes"].items()
             if v.get("max_rel_err") is not None]
     if errs:

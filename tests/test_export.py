@@ -1,10 +1,14 @@
 """gtpt.export: ONNX and .pt2 (AOTInductor) exports against the eager model, the exportable top-k's tie rule,
 PoseEstimator runtimes and ``gtpt export`` errors.
 
-Exports are module-scoped (one per variant and format, run at batch 1 and 3 on its dynamic batch axis). Cost on
-the 2-core CPU (measured, CPU seconds): an opset-17 ONNX export ~8 s per variant, the dynamo exporter (opset 18)
-~65 s, an AOTInductor CPU compile ~170 s (gtpt-t). So the default run compiles one ``.pt2`` (gtpt-t); the other
-five are marked ``slow`` and skip unless ``GTPT_TEST_ALL_PT2=1`` is set.
+Exports are module-scoped and shared (one per variant and format, run at batch 1 and 3 on its dynamic batch axis;
+the gtpt-t ONNX file is written once, by ``gtpt export``, and serves the CLI, runner and PoseEstimator tests).
+Cost on the 2-core CPU (measured, CPU seconds): an opset-17 ONNX export ~8 s per variant, the dynamo exporter
+(opset 18) ~65 s, an AOTInductor CPU compile ~170 s (gtpt-t). The default run keeps one export per default path:
+opset-17 ONNX of the variants that cover distinct code (gtpt-t: one-stage stem + body pruning; gtpt-b-wholebody:
+U-shaped stem + WholeBody grouping), the gtpt-t ``.pt2``, the tie-rule export, the one-line errors. The rest
+(the other four ONNX variants, every dynamo-exporter case, the other five ``.pt2``) are marked ``slow`` and skip
+unless ``GTPT_TEST_ALL_EXPORTS=1`` (or the older ``GTPT_TEST_ALL_PT2=1``) is set.
 """
 import os
 import zipfile
@@ -27,10 +31,18 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 RTOL = 1e-4  # the issue's bar: exported outputs within 1e-4 relative of eager
-ALL_PT2 = os.environ.get("GTPT_TEST_ALL_PT2", "0") not in ("", "0")
+ALL_EXPORTS = any(os.environ.get(k, "0") not in ("", "0") for k in ("GTPT_TEST_ALL_EXPORTS", "GTPT_TEST_ALL_PT2"))
+ONNX_DEFAULT = ("gtpt-t", "gtpt-b-wholebody")  # one-stage stem + body pruning; U-shaped stem + WholeBody groups
 PT2_DEFAULT = ("gtpt-t",)
 IMAGE = "000000040083.jpg"
 BOXES = np.array([[30.0, 20.0, 120.0, 280.0], [260.0, 60.0, 150.0, 240.0]])
+
+
+def _slow(reason):
+    """Marks of a case that runs only with ``GTPT_TEST_ALL_EXPORTS=1`` (see the module docstring)."""
+    if ALL_EXPORTS:
+        return [pytest.mark.slow]
+    return [pytest.mark.slow, pytest.mark.skip(reason=f"{reason}; set GTPT_TEST_ALL_EXPORTS=1 to run it")]
 
 
 def _stable(scores, keep):
@@ -73,7 +85,7 @@ class _TopK(nn.Module):
         return topk_indices_reference(scores, self.keep)
 
 
-@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("opset", [17, pytest.param(18, marks=_slow("dynamo exporter, ~10 s"))])
 def test_onnx_topk_keeps_the_tie_rule(tmp_path, opset):
     """The exported ranking (TopK + CumSum + TopK + GatherElements in the graph) on inputs full of exact ties,
     run by ONNX Runtime, equals eager's stable sort; both exporters."""
@@ -118,8 +130,31 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def exports(models, tmp_path_factory):
-    """Exported files by (variant, kind), made on first use."""
+def gtpt_t_checkpoint(models, tmp_path_factory):
+    """The gtpt-t test weights as a checkpoint file (EMA keys, as training writes them)."""
+    path = tmp_path_factory.mktemp("ckpt") / "gtpt-t.pth"
+    torch.save({f"ema_{k}": v for k, v in models("gtpt-t").state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_export(gtpt_t_checkpoint, tmp_path_factory):
+    """``gtpt export gtpt-t --checkpoint ... --format onnx --decode`` once: (path, return code, stdout, stderr).
+    Its file is the gtpt-t ONNX export every other test uses."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("cli") / "sub" / "gtpt-t.onnx"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", "gtpt-t", "--checkpoint", str(gtpt_t_checkpoint), "--format", "onnx", "-o", str(out),
+                   "--decode"])
+    return out, rc, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exports(models, cli_export, tmp_path_factory):
+    """Exported files by (variant, kind), made on first use; the gtpt-t ONNX file comes from ``gtpt export``."""
     root = tmp_path_factory.mktemp("exports")
     cache = {}
 
@@ -127,7 +162,11 @@ def exports(models, tmp_path_factory):
         key = (variant, kind)
         if key not in cache:
             model = models(variant)
-            if kind == "onnx":
+            if kind == "onnx" and variant == "gtpt-t":
+                path, rc, _, err = cli_export
+                assert rc == 0, err
+                cache[key] = path
+            elif kind == "onnx":
                 cache[key] = export_onnx(model, root / f"{variant}.onnx", decode=True)
             elif kind == "onnx18":
                 cache[key] = export_onnx(model, root / f"{variant}-18.onnx", opset=18)
@@ -159,7 +198,13 @@ def _check_against_eager(model, outputs_by_batch, inputs):
             assert_close(outs[3], conf, rtol=RTOL, what=f"in-graph scores B={b}")
 
 
-@pytest.mark.parametrize("variant", list_variants())
+def _onnx_params():
+    return [pytest.param(v, marks=[] if v in ONNX_DEFAULT else _slow("its code paths are covered by "
+                                                                    + " and ".join(ONNX_DEFAULT)))
+            for v in list_variants()]
+
+
+@pytest.mark.parametrize("variant", _onnx_params())
 def test_onnx_export_matches_eager(variant, models, exports, inputs, one_thread):
     path = exports(variant, "onnx")
     sess = load_onnx_session(path, threads=1)
@@ -173,6 +218,8 @@ def test_onnx_export_matches_eager(variant, models, exports, inputs, one_thread)
     _check_against_eager(models(variant), outs, inputs)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not ALL_EXPORTS, reason="dynamo exporter ~65 CPU-s; set GTPT_TEST_ALL_EXPORTS=1 to run it")
 def test_onnx_dynamo_exporter_matches_eager(models, exports, inputs, one_thread):
     """opset >= 18 goes through the torch.export-based exporter: same outputs."""
     import onnx
@@ -187,14 +234,17 @@ def test_onnx_dynamo_exporter_matches_eager(models, exports, inputs, one_thread)
 
 def test_onnx_export_of_a_model_with_tied_scores(models, tmp_path, inputs, one_thread):
     """Every pruning site sees all-equal scores (the queries' to_qkv rows are zero, so every logit is 0): the kept
-    tokens are then chosen by the tie rule alone, and the exported graph must keep the same ones as eager."""
-    model = gtpt.build_model("gtpt-t", backend="reference").eval()
+    tokens are then chosen by the tie rule alone, and the exported graph must keep the same ones as eager. The
+    model goes in in train mode on the ``auto`` backend: the export must hand it back that way."""
+    model = gtpt.build_model("gtpt-t", backend="auto").train()
     model.load_state_dict(models("gtpt-t").state_dict())
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, gtpt.model.Attention):
                 m.to_qkv.weight[: m.to_qkv.weight.shape[0] // 3].zero_()  # q = 0: logits 0, scores all tied
     path = export_onnx(model, tmp_path / "tied.onnx")
+    assert model.training and model.backend == "auto", "the export did not restore the model's mode / backend"
+    model.set_backend("reference").eval()
     sess = load_onnx_session(path, threads=1)
     outs = {b: [torch.from_numpy(o) for o in sess.run(None, {"images": x.numpy()})] for b, x in inputs.items()}
     _check_against_eager(model, outs, inputs)
@@ -215,9 +265,7 @@ def test_onnx_export_of_a_model_with_tied_scores(models, tmp_path, inputs, one_t
 def _pt2_params():
     out = []
     for v in list_variants():
-        marks = [] if v in PT2_DEFAULT or ALL_PT2 else [
-            pytest.mark.slow, pytest.mark.skip(reason="AOTInductor CPU compile ~170 CPU-s per variant; "
-                                                      "set GTPT_TEST_ALL_PT2=1 to compile every variant")]
+        marks = [] if v in PT2_DEFAULT else _slow("AOTInductor CPU compile ~170 CPU-s per variant")
         out.append(pytest.param(v, marks=marks))
     return out
 
@@ -249,12 +297,6 @@ def test_cuda_pt2_carries_the_triton_kernels(tmp_path):
         assert_close(px, ex, rtol=RTOL, what="simcc_x")
         assert_close(py, ey, rtol=RTOL, what="simcc_y")
         assert torch.equal(decode_simcc(px, py)[0], decode_simcc(ex, ey)[0])
-
-
-def test_export_restores_the_model(models, tmp_path):
-    model = gtpt.build_model("gtpt-t", backend="auto").train()
-    export_onnx(model, tmp_path / "m.onnx")
-    assert model.training and model.backend == "auto"
 
 
 def test_export_bad_arguments(models, tmp_path):
@@ -295,7 +337,7 @@ def test_pose_estimator_runtimes_give_the_same_keypoints(models, exports, coco_t
         ExportedRunner("onnxruntime", model.cfg, exports("gtpt-t", "pt2"))
 
 
-def test_infer_cli_runtime(models, exports, coco_tiny, tmp_path, capsys, one_thread):
+def test_infer_cli_runtime(models, exports, gtpt_t_checkpoint, coco_tiny, tmp_path, capsys, one_thread):
     import json
 
     image = os.path.join(coco_tiny, "images", IMAGE)
@@ -306,9 +348,7 @@ def test_infer_cli_runtime(models, exports, coco_tiny, tmp_path, capsys, one_thr
         argv = ["infer", image, "--box", "30,20,120,280", "--variant", "gtpt-t", "-o", str(out), "--device", "cpu",
                 "--backend", "reference", "--no-nms", "--no-flip"]
         if runtime == "torch":  # the eager model with the same weights, from a checkpoint file
-            ckpt = tmp_path / "w.pth"
-            torch.save({f"ema_{k}": v for k, v in models("gtpt-t").state_dict().items()}, ckpt)
-            argv += ["--checkpoint", str(ckpt)]
+            argv += ["--checkpoint", str(gtpt_t_checkpoint)]
         else:
             argv += ["--runtime", runtime, "--exported", str(onnx_file)]
         assert main(argv) == 0, capsys.readouterr().err
@@ -332,13 +372,15 @@ def _run(argv, capsys):
     return rc, capsys.readouterr()
 
 
-def test_export_cli_writes_an_onnx_file(tmp_path, capsys, one_thread):
-    out = tmp_path / "sub" / "gtpt-t.onnx"
-    rc, cap = _run(["export", "gtpt-t", "--format", "onnx", "-o", str(out), "--decode"], capsys)
-    assert rc == 0, cap.err
-    assert f"wrote {out}" in cap.out
+def test_export_cli_writes_an_onnx_file(cli_export, models):
+    """The shared gtpt-t file came from ``gtpt export`` (into a folder it had to create), with the checkpoint's
+    weights: its outputs equal the eager model's (checked in test_onnx_export_matches_eager[gtpt-t])."""
+    out, rc, stdout, stderr = cli_export
+    assert rc == 0, stderr
+    assert f"wrote {out}" in stdout and "warning" not in stderr
     sess = load_onnx_session(out)
     assert [o.name for o in sess.get_outputs()] == list(OUTPUT_NAMES + DECODED_NAMES)
+    assert read_metadata(sess)["gtpt_variant"] == "gtpt-t"
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -178,6 +178,7 @@ def test_cpu_benchmark_smoke(tmp_path):
     assert all(v > 0 for v in cfg["speedup_vs_official"].values())
     timed = data["configs"][0]["runtimes"]
     assert all(timed[r]["max_rel_err"] < 1e-4 for r in timed)
+    assert all(timed[r]["setup_s"] >= 0 for r in timed)  # the one-time cost (export / compile + warm-up)
     md = (out / "results.md").read_text()
     assert "| gtpt-t | 1 | 1 |" in md and "git commit:" in (out / "environment.txt").read_text()
     assert not (out / "_exports").exists()
