@@ -1033,7 +1033,7 @@ def train(cfg: TrainConfig, train_dataset: Optional[Dataset] = None, val_fn: Opt
 SYNTH_IMAGES = 264                 # 216 train + 48 val (SYNTH_VAL_FRACTION): an epoch of 27 steps, validated after each
 SYNTH_VAL_FRACTION = 2 / 11
 SYNTH_DIFFICULTY = "easy"          # gtpt.synth.DIFFICULTIES: one whole figure per image, moderate pose, plain backgrounds
-SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "lr_milestones": (100,),
+SYNTH_DEFAULTS: Dict[str, Any] = {"epochs": 10, "batch_size": 8, "lr": 3e-3, "lr_milestones": (9,),
                                   "warmup_steps": 20, "ema_momentum": 0.9, "ema_schedule": "constant",
                                   "val_every": 1, "log_every": 10, "flip": False, "augment": "none",
                                   "joint_token_std": 1.0}

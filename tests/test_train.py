@@ -468,3 +468,28 @@ def test_gpu_triton_bf16_steps(variant, tmp_path):
     init = build_model(variant).state_dict()
     trained = runs["triton"]["model"].state_dict()
     assert not torch.equal(trained["mlp_head_x.1.weight"].cpu(), init["mlp_head_x.1.weight"])
+
+
+def test_init_joint_tokens_redraws_only_the_joint_tokens():
+    """--joint-token-std: keypoint, part and dense WholeBody tokens re-drawn at that std (cut at 2 std); the human
+    token and every other weight untouched; same seed, same tokens; bad values are a TrainConfig error."""
+    from gtpt.train import init_joint_tokens
+    torch.manual_seed(0)
+    m = build_model("gtpt-t-wholebody")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    torch.manual_seed(5)
+    init_joint_tokens(m, 1.0)
+    joint = {"features.keypoint_token", "features.extra_token", "features.fine_keypoint_token"}
+    for n, p in m.named_parameters():
+        if n in joint:
+            assert not torch.equal(p, before[n]) and p.abs().max() <= 2.0 and 0.5 < p.std() < 1.5, n
+        else:
+            assert torch.equal(p, before[n]), n
+    again = build_model("gtpt-t-wholebody")
+    torch.manual_seed(5)
+    init_joint_tokens(again, 1.0)
+    assert torch.equal(again.features.keypoint_token, m.features.keypoint_token)
+    assert TrainConfig("gtpt-t", "x").joint_token_std is None
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="joint_token_std"):
+            TrainConfig("gtpt-t", "x", joint_token_std=bad)

@@ -69,6 +69,7 @@ def test_no_data_options_train_and_validate_on_the_synthetic_dataset(synth_run):
         T.SYNTH_DEFAULTS["epochs"], T.SYNTH_DEFAULTS["ema_momentum"], False, T.SYNTH_DEFAULTS["augment"])
     assert (cfg["lr"], cfg["warmup_steps"], cfg["ema_schedule"]) == (
         T.SYNTH_DEFAULTS["lr"], T.SYNTH_DEFAULTS["warmup_steps"], "constant")
+    assert cfg["joint_token_std"] == T.SYNTH_DEFAULTS["joint_token_std"]  # distinct joint tokens from the start
     assert "synth-easy-8-" in cfg["train_ann_file"]  # the easy generator setting
     assert cfg["batch_size"] == 2  # a flag given on the command line wins
     assert [r["global_step"] for r in log if r["event"] == "train"] == [1, 2]
