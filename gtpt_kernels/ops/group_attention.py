@@ -371,9 +371,12 @@ if triton is not None:
         q = tl.load(q_base + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * s_dn + do_cols[None, :], mask=m_valid[:, None] & d_mask,
                      other=0.0)
-        # Unmasked loads at clamped indices (rows past N repeat row N-1; M_BOUNDS zeroes their P): a masked load
-        # here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
-        offs_m_in = tl.minimum(offs_m, N - 1)
+        # Unmasked loads; in the partial last tile at clamped indices (rows past N repeat row N-1; M_BOUNDS zeroes
+        # their P): a masked load here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
+        if M_BOUNDS:
+            offs_m_in = tl.minimum(offs_m, N - 1)
+        else:
+            offs_m_in = offs_m
         lse = tl.load(LSE + row + offs_m_in)
         delta = tl.load(DELTA + row + offs_m_in)
         qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST)
@@ -510,12 +513,12 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         # made Triton replicate the tile per warp pair (sm_90 SASS: every HMMA issued twice). Static sm_90 cost
         # estimates at B=128 (benchmarks/static_cost.py, README) picked 32-key tiles over 64 at every GTPT shape
         # (fine: 94 keys = 3 x 32 instead of 2 x 64) and 32-row over 64-row query tiles at N > 96 (within 5%).
-        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
-                    dkdv_warps=2, num_stages=2)
+        return dict(fwd_m=32, fwd_n=32, bwd_m=16, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
+                    dkdv_warps=2, num_stages=2, dkdv_stages=1)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
-    bwd_m = 32
+    bwd_m = 16 if dtype == torch.float32 else 32
     num_warps = 8 if block_d >= 128 else 4
     dkdv_warps = num_warps
     if dtype == torch.float32 and block_d >= 32:
@@ -622,7 +625,8 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
             qkv, grad_out, lse, delta, dqkv,
             *q_strides, *do_strides, *g_strides,
             G, N, C, n_own, max(n_own, 1), triton.cdiv(G * S, bwd_n), scale * _LOG2E, scale,
-            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common,
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"],
+            **dict(common, num_stages=cfg.get("dkdv_stages", cfg["num_stages"])),
             **({"maxnreg": cfg["dkdv_maxnreg"]} if cfg.get("dkdv_maxnreg") else {}))
     return dqkv
 
