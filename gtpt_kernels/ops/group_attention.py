@@ -545,8 +545,12 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         # made Triton replicate the tile per warp pair (sm_90 SASS: every HMMA issued twice). Static sm_90 cost
         # estimates at B=128 (benchmarks/static_cost.py, README) picked 32-key tiles over 64 at every GTPT shape
         # (fine: 94 keys = 3 x 32 instead of 2 x 64) and 32-row over 64-row query tiles at N > 96 (within 5%).
-        return dict(fwd_m=32, fwd_n=32, bwd_m=16, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
-                    dkdv_warps=2, num_stages=2, dkdv_stages=1)
+        # dk/dv: 16-query inner tiles in one stage keep k, v, dk, dv and one q/dO tile in <= 100 registers at head
+        # dim 24 (32-query tiles: 179-186 in two stages, 138 in one; maxnreg=128 spilled); long plain attention
+        # (the coarse layers, no shared keys) takes 64-key tiles on 4 warps, which share each q/dO tile load.
+        long_plain = L == N and N > 224
+        return dict(fwd_m=32, fwd_n=32, bwd_m=16, bwd_n=64 if long_plain else 32, block_d=block_d, num_warps=2,
+                    dq_warps=2, dkdv_warps=4 if long_plain else 2, num_stages=2, dkdv_stages=1)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
