@@ -23,7 +23,9 @@ Method (all figures are ESTIMATES from compiled code, not measurements):
    Executed warp instructions = sum over SASS instructions of (executions of their innermost loop, or once per
    program) x warps per program. Issue time = the busiest SM's warp instructions / (4 per clock x 1.755 GHz).
    Bytes = what the launch must move (inputs read once, outputs written once, gathers count the kept rows);
-   floor = bytes / HBM bandwidth. Estimate = max(issue time, H100 floor); ratio = estimate / H100 floor.
+   floor = bytes / HBM bandwidth. MUFU time = the busiest SM's executed MUFU (exp2, log2, rcp) warp instructions
+   x 2 clocks (16 results per clock per SM). Estimate = max(issue time, MUFU time, H100 floor); ratio = estimate /
+   H100 floor.
 
 The parsing / estimation functions at the top of this file import neither torch nor triton (the test
 ``tests/test_static_cost.py`` runs them on a checked-in SASS snippet).
@@ -53,6 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H100 = dict(
     name="H100 SXM (sm_90)", sms=132, clock_ghz=1.755, issue_per_clk=4,  # 4 schedulers x 1 warp-instr / clk per SM
+    mufu_per_clk=16,  # MUFU (exp2, log2, rcp, ...) results per clock per SM
     regs_per_sm=65536, reg_alloc_unit=256, max_regs_per_thread=255,
     smem_per_sm=228 * 1024, smem_reserved_per_block=1024,
     threads_per_sm=2048, blocks_per_sm=32, hbm_bw=3.35e12)
@@ -74,8 +77,11 @@ ASSUMPTIONS = [
     "Bytes = every input read once and every output written once from HBM (shared key rows re-read from L2 are "
     "not counted; gathers count the kept rows; a broadcast (stride-0) operand counts its distinct elements). "
     "Floor = bytes / 3.35 TB/s (H100 SXM) or / 4.8 TB/s (H200).",
-    "Estimate = max(issue time, H100 floor); ratio = estimate / H100 floor (1.0 = at the memory floor, if issue "
-    "were the only other limit). Launch overhead (several us per launch) is not included.",
+    "MUFU time = (MUFU warp instructions of the busiest SM) x 32 / (16 per clock x 1.755e9 /s): the special-function "
+    "unit (exp2, log2, rcp, ...) delivers 16 results per clock per SM on sm_90 (CUDA C++ Programming Guide, "
+    "throughput table), a second limit beside issue.",
+    "Estimate = max(issue time, MUFU time, H100 floor); ratio = estimate / H100 floor (1.0 = at the memory floor, if "
+    "issue and MUFU were the only other limits). Launch overhead (several us per launch) is not included.",
     "Occupancy (blocks per SM) from registers (allocated per warp in units of 256), shared memory (+1 KB reserved per "
     "block, 228 KB per SM), threads (2048 per SM) and the 32-block limit. Waves = programs / (132 x blocks per SM).",
     "dtype bf16 / fp32: the whole model in that dtype (model.to(dtype)); under torch.autocast the pruning gathers "
@@ -322,15 +328,29 @@ def floor_us(nbytes, bw):
     return nbytes / bw * 1e6
 
 
-def executed_instructions(instrs, loops, loop_execs, programs, warps):
+def executed_instructions(instrs, loops, loop_execs, programs, warps, cls=None):
     """Warp instructions a launch issues: each instruction x executions of its innermost loop (programs if outside
-    every loop) x warps per program. ``loop_execs[i]`` = total body executions of SASS loop i over the grid."""
+    every loop) x warps per program. ``loop_execs[i]`` = total body executions of SASS loop i over the grid.
+    ``cls``: count only the instructions of that class (:func:`classify`), e.g. ``"mufu"``."""
     owner = innermost_loop(loops, len(instrs))
     total = 0.0
     for k in range(len(instrs)):
+        if cls is not None and classify(instrs[k]["op"]) != cls:
+            continue
         li = owner[k]
         total += loop_execs[li] if li is not None else programs
     return total * warps
+
+
+def mufu_time_us(mufu_warp_instr, programs, gpu=None):
+    """Time of the busiest SM's special-function unit: ``mufu_per_clk`` results per clock per SM (sm_90: 16 for
+    exp2 / log2 / rcp / rsqrt / sin / cos, CUDA C++ Programming Guide, arithmetic instruction throughput table), so
+    a warp's MUFU instruction occupies it for 32 / 16 = 2 clocks, whatever else issues meanwhile."""
+    gpu = gpu or H100
+    if programs <= 0:
+        return 0.0
+    busiest = math.ceil(programs / gpu["sms"]) * mufu_warp_instr / programs
+    return busiest * 32 / (gpu["mufu_per_clk"] * gpu["clock_ghz"] * 1e3)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1012,12 +1032,14 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
             loop_execs.append(counts.get(m, 0) / per_src[m])
     total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps)
     issue = issue_time_us(total_instr, programs)
+    mufu_instr = executed_instructions(instrs, loops, loop_execs, programs, warps, cls="mufu")
+    mufu = mufu_time_us(mufu_instr, programs)
     nbytes, rule = launch_bytes(kernel_name, tensors, consts, scalars)
     if rule.startswith("generic"):
         flags.append("bytes: generic rule (no read/write model for this kernel in launch_bytes): every tensor "
                      "argument counted once in full")
     fl100, fl200 = floor_us(nbytes, H100["hbm_bw"]), floor_us(nbytes, H200_HBM_BW)
-    est = max(issue, fl100)
+    est = max(issue, mufu, fl100)
     loop_recs = []
     for li, lp in enumerate(loops):
         loop_recs.append(dict(
@@ -1046,10 +1068,11 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
         instruction_classes=classes, global_memory_ops=mem,
         executed_warp_instructions=int(total_instr),
         bytes=int(nbytes), bytes_rule=rule, floor_us_h100=round(fl100, 3), floor_us_h200=round(fl200, 3),
-        issue_us=round(issue, 3), estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
-        estimate_us_h200=round(max(issue, fl200), 3),
-        ratio_h200=round(max(issue, fl200) / fl200, 3) if fl200 else None,
-        bound="issue" if issue > fl100 else "memory", flags=flags)
+        issue_us=round(issue, 3), mufu_us=round(mufu, 3), executed_mufu_instructions=int(mufu_instr),
+        estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
+        estimate_us_h200=round(max(issue, mufu, fl200), 3),
+        ratio_h200=round(max(issue, mufu, fl200) / fl200, 3) if fl200 else None,
+        bound="memory" if fl100 >= max(issue, mufu) else ("issue" if issue >= mufu else "mufu"), flags=flags)
 
 
 def shape_name(ctx, cfg, order):
@@ -1388,8 +1411,8 @@ def render_markdown(records, results, variants, batches, dtypes, only, baseline=
     # all launches
     lines += ["", "## Every launch", "",
               "| variant | B | dtype | op | kernel | shape | per eval fwd / train step | grid | programs | waves | "
-              "loop instr x trips/program | warp-instr (M) | MB | floor H100/H200 us | issue us | est us | ratio | "
-              "bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "loop instr x trips/program | warp-instr (M) | MB | floor H100/H200 us | issue us | MUFU us | est us | "
+              "ratio | bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         loops = "; ".join(f"{lp['exclusive']}x{_fmt(lp['per_program'], 2)}" for lp in r["loops"]) or "-"
         lines.append(
@@ -1397,7 +1420,7 @@ def render_markdown(records, results, variants, batches, dtypes, only, baseline=
             f"{r['launches_per_eval_forward']} / {r['launches_per_train_step']} | {'x'.join(map(str, r['grid']))} | "
             f"{r['programs']} | {_fmt(r['waves'], 2)} | {loops} | {r['executed_warp_instructions'] / 1e6:.1f} | "
             f"{r['bytes'] / 1e6:.2f} | {_fmt(r['floor_us_h100'])} / {_fmt(r['floor_us_h200'])} | {_fmt(r['issue_us'])} | "
-            f"{_fmt(r['estimate_us'])} | {_fmt(r['ratio'], 2)} | {r['bound']} |")
+            f"{_fmt(r.get('mufu_us'))} | {_fmt(r['estimate_us'])} | {_fmt(r['ratio'], 2)} | {r['bound']} |")
     flags = sorted({f"`{r['config']}`: {fl}" for r in ok for fl in r["flags"]})
     if flags:
         lines += ["", "## Flags (approximations in the trip counts)", ""] + [f"- {f}" for f in flags]

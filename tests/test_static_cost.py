@@ -95,6 +95,8 @@ def test_occupancy_and_waves(sc):
     assert sc.waves(9216, 4) == pytest.approx(9216 / 528)
     assert sc.issue_time_us(132 * 100, 132) == pytest.approx(100 / (4 * 1.755e3))
     assert sc.issue_time_us(133 * 100, 133) == pytest.approx(200 / (4 * 1.755e3))  # a second wave on one SM
+    # the special-function unit: 16 results per clock per SM, so a warp's MUFU takes 2 clocks
+    assert sc.mufu_time_us(132 * 100, 132) == pytest.approx(100 * 2 / 1.755e3)
 
 
 def test_estimate_launch_record(sc, snippet, source):
@@ -113,7 +115,7 @@ def test_estimate_launch_record(sc, snippet, source):
     assert rec["bytes"] == nbytes
     assert rec["floor_us_h100"] == pytest.approx(nbytes / 3.35e12 * 1e6, abs=1e-3)
     assert rec["floor_us_h200"] == pytest.approx(nbytes / 4.8e12 * 1e6, abs=1e-3)
-    assert rec["estimate_us"] == pytest.approx(max(rec["issue_us"], rec["floor_us_h100"]), abs=1e-3)
+    assert rec["estimate_us"] == pytest.approx(max(rec["issue_us"], rec["mufu_us"], rec["floor_us_h100"]), abs=1e-3)
     assert rec["ratio"] == pytest.approx(rec["estimate_us"] / rec["floor_us_h100"], rel=1e-2)
     assert rec["blocks_per_sm"] == 2 and rec["programs"] == 36
     assert rec["waves"] == pytest.approx(36 / (132 * 2), abs=1e-3) and rec["waves_ceil"] == 1

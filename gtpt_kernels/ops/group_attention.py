@@ -142,11 +142,20 @@ if triton is not None:
     def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
                   qk_scale,
                   S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
-                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
+                  OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
         """One key tile of the online softmax. BOUNDS masks keys >= L (only the first and the last tile);
-        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile)."""
+        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD: a row may still
+        have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY: the tile holds
+        only the group's own keys (every tile after the first when G*S <= BLOCK_N), a plain row offset.
+        SUM_DOT: the row sums of P run on the tensor cores, ``l_i`` being a (BLOCK_M, 16) accumulator of
+        P.ones (every column the row sum of the rounded P the P.V dot multiplies), instead of a per-logit add
+        and a cross-lane reduction per tile."""
         offs_j = start + tl.arange(0, BLOCK_N)
-        rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+        if OWN_ONLY:
+            rows = g * s_qg + (offs_j - GS + S) * s_qn
+        else:
+            rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
         if BOUNDS:
             kv_mask = (offs_j < L)[:, None] & d_mask
         else:
@@ -164,16 +173,23 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if GUARD:
+            # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
         if POS_SCALE:
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         else:
             p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, DOT_PREC, UPCAST)
+        p_lo = _cast(p, v.dtype, UPCAST)
+        if SUM_DOT:
+            l_i = l_i * alpha[:, None] + _dot(p_lo, tl.full([BLOCK_N, 16], 1.0, v.dtype), DOT_PREC, UPCAST)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p_lo, v, DOT_PREC, UPCAST)
         return acc, m_new, l_i
 
     @triton.jit
@@ -186,7 +202,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        PEEL: tl.constexpr,
+        PEEL: tl.constexpr, SHARED_FIRST: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -215,35 +231,46 @@ if triton is not None:
         q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # 16-bit dots: the row sums of P on the tensor cores (SUM_DOT, see _fwd_tile); they sum the P that the P.V
+        # dot multiplies, rounded as it rounds them, so the output is an exact weighted mean of the V rows.
+        SUM_DOT: tl.constexpr = PEEL and (DOT_PREC == "tf32") and (not (QKV.dtype.element_ty == tl.float32))
+        if SUM_DOT:
+            l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+        else:
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         if PEEL:
             # Masks only where they apply: the first tile (pad key, and the bounds if it is also the last), the
-            # full tiles in between unmasked, the partial last tile with the bounds mask.
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                                      not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC,
-                                      UPCAST)
+            # full tiles in between unmasked, the partial last tile with the bounds mask. After the first tile
+            # every row has a finite max (it holds a key that is unmasked for every row), so no later tile guards
+            # against -inf, and when it holds all G*S shared keys the later tiles map keys with a plain offset.
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                      d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
+                                      DOT_PREC, UPCAST, True, False, SUM_DOT)
             full_end = (L // BLOCK_N) * BLOCK_N
             for start in range(BLOCK_N, full_end, BLOCK_N):
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE,
-                                          DOT_PREC, UPCAST)
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False,
+                                          POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
             if (full_end >= BLOCK_N) & (full_end < L):
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE,
-                                          DOT_PREC, UPCAST)
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False,
+                                          POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
         else:
             # One loop, every tile masked: a third of the code (fp32 FMA dots, where masks cost little next to
             # the dot and three inlined copies of the tile spill registers and double compile times).
             for start in range(0, L, BLOCK_N):
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
-                                          DOT_PREC, UPCAST)
+                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN,
+                                          POS_SCALE, DOT_PREC, UPCAST, True, False, False)
 
+        if SUM_DOT:
+            l_i = tl.max(l_i, 1)  # 16 equal columns
         has_keys = l_i > 0.0
         l_safe = tl.where(has_keys, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        # One reciprocal per row, then multiplies: an IEEE division per element costs ~10 instructions.
+        out = acc * (1.0 / l_safe)[:, None]
         # +inf LSE for a row without keys makes the backward's recomputed P exactly 0.
         lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
 
@@ -256,9 +283,12 @@ if triton is not None:
     def _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
                  qk_scale,
                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
-                 POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
         offs_j = start + tl.arange(0, BLOCK_N)
-        rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+        if OWN_ONLY:  # only own keys in this tile (see _fwd_tile)
+            rows = g * s_qg + (offs_j - GS + S) * s_qn
+        else:
+            rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
         if BOUNDS:
             kv_mask = (offs_j < L)[:, None] & d_mask
         else:
@@ -294,7 +324,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        PEEL: tl.constexpr,
+        PEEL: tl.constexpr, SHARED_FIRST: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -337,18 +367,20 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if PEEL:
             dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
-                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
             full_end = (L // BLOCK_N) * BLOCK_N
             for start in range(BLOCK_N, full_end, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST)
+                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST,
+                              SHARED_FIRST)
             if (full_end >= BLOCK_N) & (full_end < L):
                 dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST)
+                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST,
+                              SHARED_FIRST)
         else:
             for start in range(0, L, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST)
+                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
@@ -371,9 +403,12 @@ if triton is not None:
         q = tl.load(q_base + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * s_dn + do_cols[None, :], mask=m_valid[:, None] & d_mask,
                      other=0.0)
-        # Unmasked loads at clamped indices (rows past N repeat row N-1; M_BOUNDS zeroes their P): a masked load
-        # here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
-        offs_m_in = tl.minimum(offs_m, N - 1)
+        # Unmasked loads; in the partial last tile at clamped indices (rows past N repeat row N-1; M_BOUNDS zeroes
+        # their P): a masked load here fails triton 3.2's layout pass under fp32 FMA dots (arith.select verifier).
+        if M_BOUNDS:
+            offs_m_in = tl.minimum(offs_m, N - 1)
+        else:
+            offs_m_in = offs_m
         lse = tl.load(LSE + row + offs_m_in)
         delta = tl.load(DELTA + row + offs_m_in)
         qk_t = _dot(k, tl.trans(q), DOT_PREC, UPCAST)
@@ -510,12 +545,16 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         # made Triton replicate the tile per warp pair (sm_90 SASS: every HMMA issued twice). Static sm_90 cost
         # estimates at B=128 (benchmarks/static_cost.py, README) picked 32-key tiles over 64 at every GTPT shape
         # (fine: 94 keys = 3 x 32 instead of 2 x 64) and 32-row over 64-row query tiles at N > 96 (within 5%).
-        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, block_d=block_d, num_warps=2, dq_warps=2,
-                    dkdv_warps=2, num_stages=2)
+        # dk/dv: 16-query inner tiles in one stage keep k, v, dk, dv and one q/dO tile in <= 100 registers at head
+        # dim 24 (32-query tiles: 179-186 in two stages, 138 in one; maxnreg=128 spilled); long plain attention
+        # (the coarse layers, no shared keys) takes 64-key tiles on 4 warps, which share each q/dO tile load.
+        long_plain = L == N and N > 224
+        return dict(fwd_m=32, fwd_n=32, bwd_m=16, bwd_n=64 if long_plain else 32, block_d=block_d, num_warps=2,
+                    dq_warps=2, dkdv_warps=4 if long_plain else 2, num_stages=2, dkdv_stages=1)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
-    bwd_m = 32
+    bwd_m = 16 if dtype == torch.float32 else 32
     num_warps = 8 if block_d >= 128 else 4
     dkdv_warps = num_warps
     if dtype == torch.float32 and block_d >= 32:
@@ -584,7 +623,7 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
             S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
             PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
             UPCAST=interpret and qkv.dtype == torch.bfloat16, PEEL=_peel(cfg, qkv.dtype, interpret),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SHARED_FIRST=G * S <= cfg["fwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -613,7 +652,8 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
             qkv, out, grad_out, lse, delta, dqkv,
             *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
             G, N, C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg.get("dq_warps", cfg["num_warps"]), **common)
+            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg.get("dq_warps", cfg["num_warps"]),
+            SHARED_FIRST=G * S <= cfg["fwd_n"], **common)
     # dk/dv work items: shared-key tiles and per-group own-key tiles, spread over the (B*G, H, cdiv(N, bwd_n))
     # grid (see the kernel); there are always enough slots: G*cdiv(N - S) own tiles and cdiv(G*S) <= G*cdiv(S).
     bwd_n = cfg["bwd_n"]
@@ -622,7 +662,8 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
             qkv, grad_out, lse, delta, dqkv,
             *q_strides, *do_strides, *g_strides,
             G, N, C, n_own, max(n_own, 1), triton.cdiv(G * S, bwd_n), scale * _LOG2E, scale,
-            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"], **common,
+            BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], num_warps=cfg["dkdv_warps"],
+            **dict(common, num_stages=cfg.get("dkdv_stages", cfg["num_stages"])),
             **({"maxnreg": cfg["dkdv_maxnreg"]} if cfg.get("dkdv_maxnreg") else {}))
     return dqkv
 
