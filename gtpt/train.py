@@ -1071,7 +1071,7 @@ def build_arg_parser(prog: str = "python -m gtpt.train") -> argparse.ArgumentPar
                                 "with defaults sized for a CPU;\nwith --train-ann-file/--train-image-root it trains "
                                 "on your COCO(-WholeBody) data with the official schedule.\nThe same command "
                                 "resumes an interrupted run from OUTPUT_DIR/last.pth.",
-                    epilog="example: gtpt train --variant gtpt-t --output-dir runs/synth   (synthetic data, ~15 min "
+                    epilog="example: gtpt train --variant gtpt-t --output-dir runs/synth   (synthetic data, ~12 min "
                            "on a 2-core CPU)")
 
     def syn(name: str) -> str:
