@@ -20,7 +20,8 @@ torch-function modes (``FlopCounterMode``) and functorch transforms:
   reference op's.
 
 Training mode never takes this path: ``model.train()`` runs the unfused modules and the state dict is untouched
-(the cache is a plain attribute, not a buffer).
+(the cache is a plain attribute, not a buffer). The one piece training shares is :func:`sdpa_group_attention`, which
+:class:`gtpt.model.Attention` also calls in train mode on CPU (``model.set_fast_training``).
 """
 from __future__ import annotations
 
