@@ -139,18 +139,12 @@ if triton is not None:
             return src_g * s_qg + src_n * s_qn
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
-                  qk_scale,
-                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
-                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
-                  OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
-        """One key tile of the online softmax. BOUNDS masks keys >= L (only the first and the last tile);
-        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD: a row may still
-        have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY: the tile holds
-        only the group's own keys (every tile after the first when G*S <= BLOCK_N), a plain row offset.
-        SUM_DOT: the row sums of P run on the tensor cores, ``l_i`` being a (BLOCK_M, 16) accumulator of
-        P.ones (every column the row sum of the rounded P the P.V dot multiplies), instead of a per-logit add
-        and a cross-lane reduction per tile."""
+    def _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row, qk_scale,
+                     S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
+                     POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
+        """The masked logits of one key tile, shared by the forward and dq (so both see the same P): the key rows
+        (a plain offset when OWN_ONLY), their load mask, the keys, and ``q . k`` (times ``qk_scale`` unless POS_SCALE, where
+        the caller folds the scale in later) with keys >= L (BOUNDS) and the pad key (PAD_KEY) at -inf."""
         offs_j = start + tl.arange(0, BLOCK_N)
         if OWN_ONLY:
             rows = g * s_qg + (offs_j - GS + S) * s_qn
@@ -168,6 +162,24 @@ if triton is not None:
             qk = tl.where((offs_j < L)[None, :], qk, float("-inf"))
         if PAD_KEY:
             qk = tl.where((offs_j == 0)[None, :] & not_pad_row[:, None], float("-inf"), qk)
+        return rows, kv_mask, k, qk
+
+    @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+                  qk_scale,
+                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
+                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
+                  OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
+        """One key tile of the online softmax. BOUNDS masks keys >= L (only the first and the last tile);
+        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD: a row may still
+        have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY: the tile holds
+        only the group's own keys (every tile after the first when G*S <= BLOCK_N), a plain row offset.
+        SUM_DOT: the row sums of P run on the tensor cores, ``l_i`` being a (BLOCK_M, 16) accumulator of
+        P.ones (every column the row sum of the rounded P the P.V dot multiplies), instead of a per-logit add
+        and a cross-lane reduction per tile."""
+        rows, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row,
+                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
+                                         OWN_ONLY)
         if POS_SCALE:
             # scale > 0 commutes with the max: one FFMA per logit (scale, subtract) instead of FMUL + FADD.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -284,26 +296,12 @@ if triton is not None:
                  qk_scale,
                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
-        offs_j = start + tl.arange(0, BLOCK_N)
-        if OWN_ONLY:  # only own keys in this tile (see _fwd_tile)
-            rows = g * s_qg + (offs_j - GS + S) * s_qn
-        else:
-            rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
-        if BOUNDS:
-            kv_mask = (offs_j < L)[:, None] & d_mask
-        else:
-            kv_mask = d_mask
-        k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        # Same logits as the forward (one helper), so P is recomputed consistently with the stored LSE (masked
+        # entries are -inf there, so exp2 gives exactly 0).
+        rows, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row,
+                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
+                                         OWN_ONLY)
         v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
-        # Same logits as the forward, so P is recomputed consistently with the stored LSE (masked entries are
-        # -inf there, so exp2 gives exactly 0).
-        qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST)
-        if not POS_SCALE:
-            qk = qk * qk_scale
-        if BOUNDS:
-            qk = tl.where((offs_j < L)[None, :], qk, float("-inf"))
-        if PAD_KEY:
-            qk = tl.where((offs_j == 0)[None, :] & not_pad_row[:, None], float("-inf"), qk)
         if POS_SCALE:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
         else:
