@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_official_checkpoint
+from . import export_graph
 from .config import get_config
 from .evaluate import decode_simcc
 
@@ -128,7 +129,8 @@ def _export_mode(model: nn.Module, backend: str) -> Iterator[None]:
     if has_backend:
         model.set_backend(backend)
     try:
-        yield
+        with export_graph.folded_weights(model):
+            yield
     finally:
         if has_backend:
             model.set_backend(old_backend)

@@ -45,6 +45,14 @@ def fast_inference_active(module: nn.Module) -> bool:
                 or dispatch_depth() or function_mode_on() or functorch_level() is not None)
 
 
+def export_graph_active(module: nn.Module) -> bool:
+    """Whether ``module`` (fast path flag on, eval mode) is being exported (ONNX tracing, ``torch.export``): then
+    the model traces the exporter-friendly forms of the fast path (:func:`export_patch_embed`)."""
+    if not getattr(module, "fast_inference", False) or module.training:
+        return False
+    return torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.compiler.is_exporting())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 
@@ -304,3 +312,4 @@ def register_stem_hook(features: nn.Module, hook) -> RemovableHandle:
     handle = RemovableHandle(hooks)
     hooks[handle.id] = hook
     return handle
+

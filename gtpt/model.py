@@ -22,7 +22,7 @@ from gtpt_kernels import group_attention, token_prune
 from gtpt_kernels.backend import _MODE_PROBES, BACKENDS, forward_ad_active, get_backend, resolve_backend
 from gtpt_kernels.reference import split_qkv
 
-from . import fast_inference
+from . import export_graph, fast_inference
 from .config import GTPTConfig, get_config
 from .keypoints import WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
 
@@ -540,6 +540,8 @@ class GTPT(nn.Module):
 
     def forward(self, images: Tensor):
         self._check_images(images)
+        if export_graph.export_graph_active(self, images):  # an exporter tracing eval mode on the reference ops
+            return export_graph.export_forward(self, images)
         x, sparse, dense = self.features.embed(images)
         student = self.cfg.layer_keep_rates()
         kp = self.features.encode(x, sparse, dense, student)
