@@ -130,11 +130,13 @@ def patch_embed(features: nn.Module, images: Tensor) -> Tensor:
 # Sizes are Python ints from the config, never read off a tensor: a traced ``x.shape[i]`` becomes Shape / Gather /
 # Unsqueeze / Concat nodes in the exported graph.
 
-def _split_heads(qkv: Tensor, lead: Tuple[int, ...], n: int, heads: int, d: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Packed ``(B, *lead, n, 3C)`` -> q, k, v ``(B, *lead, H, n, D)``."""
-    r = len(lead)
-    t = qkv.reshape(-1, *lead, n, 3, heads, d).permute(r + 2, *range(r + 1), r + 3, r + 1, r + 4)
-    return t[0], t[1], t[2]
+def _project_heads(x: Tensor, weight: Tensor, lead: Tuple[int, ...], n: int, heads: int, d: int
+                   ) -> Tuple[Tensor, ...]:
+    """q, k, v ``(B, *lead, H, n, D)`` of ``x (B, *lead, n, C)``: three products with the thirds of ``to_qkv``'s
+    weight rather than one packed product split afterwards (the split is one more copy of q, k and v)."""
+    c = heads * d
+    return tuple(F.linear(x, weight[i * c:(i + 1) * c]).reshape(-1, *lead, n, heads, d).transpose(-3, -2)
+                 for i in range(3))
 
 
 def _merge_heads(out: Tensor, lead: Tuple[int, ...], n: int, c: int) -> Tensor:
@@ -149,7 +151,7 @@ def _attention(layer: nn.Module, x: Tensor, lead: Tuple[int, ...], n: int, cfg, 
     (MHGA, ``lead = (G,)``) the keys of a group are the ``G*S`` shared rows of all groups, then its own rows."""
     pre, attn = layer.fn, layer.fn.fn
     H, D = cfg.heads, cfg.head_dim
-    q, k, v = _split_heads(attn.to_qkv(pre.norm(x)), lead, n, H, D)
+    q, k, v = _project_heads(pre.norm(x), attn.to_qkv.weight, lead, n, H, D)
     S = attn.num_shared
     if S == 0:
         logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
