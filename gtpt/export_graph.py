@@ -37,10 +37,11 @@ from .keypoints import WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
 
 
 def export_graph_active(model: nn.Module, images: Tensor) -> bool:
-    """Whether ``model`` (a :class:`gtpt.model.GTPT`) traces :func:`export_forward` now: eval mode, fast path on,
-    ops on the reference backend (a CUDA export on the Triton backend keeps the fused kernels), and an exporter
+    """Whether ``model`` (a :class:`gtpt.model.GTPT`) traces :func:`export_forward` now: eval mode, its
+    ``lean_export`` flag on (the default; ``model.set_lean_export(False)`` traces the eager code), ops on the
+    reference backend (a CUDA export on the Triton backend keeps the fused kernels), and an exporter
     tracing (TorchScript ONNX export, ``torch.export``)."""
-    if model.training or not getattr(model.features, "fast_inference", False):
+    if model.training or not getattr(model, "lean_export", False):
         return False
     if not (torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.compiler.is_exporting())):
         return False
@@ -177,17 +178,37 @@ def _scores(a: Tensor, row_bias: Tensor = None) -> Tensor:
     return (w * a).sum(2)
 
 
-def _row_bias(valid: Tensor, heads: int) -> Tensor:
-    """``(G, R)`` row mask (a buffer) -> ``(1, G, H*R, 1)`` bias, rows ordered (head, row) as the scores flatten
-    them. Built from the buffer's values outside the trace: a constant of the graph."""
-    rows = valid.tolist()
-    bias = [[[0.0 if ok else float("-inf")] for _ in range(heads) for ok in row] for row in rows]
-    return torch.tensor([bias], dtype=torch.float32)
+# Row and column masks of the pruning sites as Python lists (the Transformer's buffers hold the same values; a
+# buffer's values cannot be read while torch.export traces): exported as constant 0 / -inf biases.
+
+def coco_rows(G: int, S: int) -> List[List[bool]]:
+    """Fine-entry / fine-L3 ranking rows: every group's S sparse rows except the padding row (group 0, row 0)."""
+    return [[not (g == 0 and s == 0) for s in range(S)] for g in range(G)]
 
 
-def _col_bias(valid: Tensor) -> Tensor:
-    """``(G, N)`` column mask (a buffer) -> ``(1, G, N)`` bias, a constant of the graph."""
-    return torch.tensor([[[0.0 if ok else float("-inf") for ok in row] for row in valid.tolist()]])
+def wholebody_entry_rows() -> List[List[bool]]:
+    """WholeBody fine entry: per group its part tokens + body keypoints, padded to the longest."""
+    width = max(len(p) + len(k) for p, k in WHOLEBODY_ENTRY_ROWS)
+    return [[r < len(p) + len(k) for r in range(width)] for p, k in WHOLEBODY_ENTRY_ROWS]
+
+
+def wholebody_l3_masks(S: int, num_patches: int) -> Tuple[List[List[bool]], List[List[bool]]]:
+    """WholeBody fine L3: rows = each group's sparse + dense lead (padding row excluded); columns = candidates
+    from the shortest lead on, each group's own visual tokens only."""
+    leads = [S + nd for nd in WHOLEBODY_DENSE_PER_GROUP]
+    rows = [[r < lead and (g, r) != (0, 0) for r in range(max(leads))] for g, lead in enumerate(leads)]
+    cols = [[c >= lead - min(leads) for c in range(num_patches + max(leads))] for lead in leads]
+    return rows, cols
+
+
+def _row_bias(valid: List[List[bool]], heads: int) -> Tensor:
+    """``(G, R)`` row mask -> ``(1, G, H*R, 1)`` bias, rows ordered (head, row) as the scores flatten them."""
+    return torch.tensor([[[[0.0 if ok else float("-inf")] for _ in range(heads) for ok in row] for row in valid]])
+
+
+def _col_bias(valid: List[List[bool]]) -> Tensor:
+    """``(G, N)`` column mask -> ``(1, G, N)`` bias."""
+    return torch.tensor([[[0.0 if ok else float("-inf") for ok in row] for row in valid]])
 
 
 def _take(src: Tensor, index: Tensor, c: int) -> Tensor:
@@ -260,7 +281,7 @@ def export_forward(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
             # rows: a zero dummy row in front of the 17 keypoints, 6 per group; the dummy is masked
             a = torch.matmul(q[:, :, :K], k_img.transpose(-1, -2)) * T.scale  # (B, H, K, n)
             a = F.pad(a, (0, 0, 1, 0)).reshape(-1, H, G, S, n).transpose(1, 2).reshape(-1, G, H * S, n)
-            index = topk_indices_exportable(_scores(a, _row_bias(T._coco_rows, H).to(a)), target)
+            index = topk_indices_exportable(_scores(a, _row_bias(coco_rows(G, S), H).to(a)), target)
             gate = torch.sigmoid(_take(logits, index, C))
             img_g = _take_shared(img, index, G, target, C) * gate
             pos_g = _take_shared(pos, index, G, target, C) * gate
@@ -274,7 +295,7 @@ def export_forward(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
         R = max(len(p) + len(k) for p, k in WHOLEBODY_ENTRY_ROWS)
         a = torch.matmul(q.index_select(2, T._wb_entry_index), k_img.transpose(-1, -2)) * T.scale  # (B, H, G*R, n)
         a = a.reshape(-1, H, G, R, n).transpose(1, 2).reshape(-1, G, H * R, n)
-        index = topk_indices_exportable(_scores(a, _row_bias(T._wb_entry_rows, H).to(a)), max(keeps))
+        index = topk_indices_exportable(_scores(a, _row_bias(wholebody_entry_rows(), H).to(a)), max(keeps))
         gate = torch.sigmoid(_take(logits, index, C))
         img_g = _take_shared(img, index, G, max(keeps), C) * gate
         pos_g = _take_shared(pos, index, G, max(keeps), C) * gate
@@ -303,7 +324,7 @@ def export_forward(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
         if n != target:
             if not cfg.wholebody:
                 a = (torch.matmul(q[:, :, :, :S], k[:, :, :, S:].transpose(-1, -2)) * T.scale).reshape(-1, G, H * S, n)
-                index = topk_indices_exportable(_scores(a, _row_bias(T._coco_rows, H).to(a)), target)
+                index = topk_indices_exportable(_scores(a, _row_bias(coco_rows(G, S), H).to(a)), target)
                 x = torch.cat([x[:, :, :S], _take(x[:, :, S:], index, C)], 2)
                 pos = _take(pos, index, C)
             else:
@@ -311,8 +332,9 @@ def export_forward(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
                 n_cols = S + n - first
                 keeps = [target - nd for nd in WHOLEBODY_DENSE_PER_GROUP]
                 a = torch.matmul(q[:, :, :, :R], k[:, :, :, first:].transpose(-1, -2)) * T.scale
-                scores = _scores(a.reshape(-1, G, H * R, n_cols), _row_bias(T._wb_l3_rows, H).to(a))
-                scores = scores + _col_bias(T._wb_l3_cols[:, :n_cols]).to(scores)
+                rows, cols = wholebody_l3_masks(S, n_img)
+                scores = _scores(a.reshape(-1, G, H * R, n_cols), _row_bias(rows, H).to(a))
+                scores = scores + _col_bias([c[:n_cols] for c in cols]).to(scores)
                 index = topk_indices_exportable(scores, max(keeps))
                 kept, kept_pos = _take(x[:, :, first:], index, C), _take(pos[:, :, first - S:], index, C)
                 xs, ps = [], []

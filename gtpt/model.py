@@ -467,6 +467,7 @@ class GTPT(nn.Module):
         bx, by = cfg.simcc_bins
         self.mlp_head_x = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, bx))
         self.mlp_head_y = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, by))
+        self.lean_export = True
         self.set_backend(backend)
         self.reset_parameters()
 
@@ -504,6 +505,12 @@ class GTPT(nn.Module):
                 m.fast_inference = bool(enabled)
         if not enabled:
             fast_inference.clear_cache(self.features)
+        return self
+
+    def set_lean_export(self, enabled: bool = True) -> "GTPT":
+        """Exporters (ONNX, ``torch.export``) trace the lean eval graph of :mod:`gtpt.export_graph` (on, the
+        default) or the eager code (off). Same outputs either way up to float rounding; eager runs are unaffected."""
+        self.lean_export = bool(enabled)
         return self
 
     def set_fast_training(self, enabled: bool = True) -> "GTPT":

@@ -97,6 +97,10 @@ def _onnx_session(path: str, threads: int, batch: Optional[Dict[str, int]] = Non
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # No spin-waiting: ONNX Runtime's pool threads spin after each run by default, which on a 2-core machine takes
+    # the cores from the contender timed next in the same process (the official forward measured 2-25x slower
+    # after an ONNX Runtime run at 2 threads).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for dim, size in (batch or {}).items():  # a fixed batch: shape arithmetic folds at session creation
         opts.add_free_dimension_override_by_name(dim, size)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
