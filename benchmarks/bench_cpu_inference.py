@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -83,6 +84,58 @@ def ratios(result) -> dict:
     return out
 
 
+def sgemm_gflops(threads: int, size: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's fp32 matrix-product rate at ``threads`` threads (GFLOP/s): the best of three ~1 s runs of a
+    ``size``-cube ``torch.mm`` (MKL / oneDNN, the library every fp32 runtime here ends up in)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        best = 0.0
+        for _ in range(3):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 3:
+                torch.mm(a, b)
+                n += 1
+            best = max(best, 2 * size ** 3 * n / (time.perf_counter() - t0) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def compute_floor(result, threads) -> dict:
+    """Per configuration: the forward's fp32 work (every multiply-accumulate, fvcore's count incl. attention and
+    pruning scores, ``gtpt flops --convention full``) at this machine's measured matrix-product rate. No fp32
+    runtime can beat that time, so ``official / floor`` bounds the speedup any of them can show. An estimate: it
+    prices depthwise convolutions, softmax and copies at GEMM speed (they are slower), so the bound is generous."""
+    from gtpt.flops import count_flops
+
+    rate = {t: sgemm_gflops(t) for t in threads}
+    macs = {}
+    out = {}
+    for c in result["configs"]:
+        v, b, t = c["variant"], c["batch_size"], c["threads"]
+        if v not in macs:
+            macs[v] = count_flops(v, "full").total
+        floor_ms = 2 * macs[v] * b / (rate[t] * 1e9) * 1e3
+        off = c["runtimes"].get("official", {}).get("median_ms")
+        out[f"{v} B={b} threads={t}"] = {"gmacs": round(macs[v] * b / 1e9, 3), "sgemm_gflops": round(rate[t], 1),
+                                         "floor_ms": round(floor_ms, 1),
+                                         "official_over_floor": round(off / floor_ms, 3) if off else None}
+    return out
+
+
+def floor_markdown(floor: dict) -> str:
+    lines = ["", "fp32 compute floor (an estimate: every multiply-accumulate at the measured `torch.mm` rate; no fp32 "
+             "runtime can be faster, so **official / floor** bounds any runtime's speedup):", "",
+             "| configuration | GMAC | sgemm GFLOP/s | floor ms | official / floor |", "|---|---|---|---|---|"]
+    for k, v in floor.items():
+        ratio = f"{v['official_over_floor']:.2f}x" if v["official_over_floor"] else "-"
+        lines.append(f"| {k} | {v['gmacs']} | {v['sgemm_gflops']} | {v['floor_ms']} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=["gtpt-t", "gtpt-s"])
@@ -113,14 +166,15 @@ def main(argv=None) -> int:
     result = compare_runtimes(args.variants, args.batch_sizes, args.threads, args.runtimes, repeats=args.repeats,
                               warmup=args.warmup, workdir=workdir, compiled_threads=args.compiled_threads,
                               compile_configs={"freezing": True} if args.freezing else None)
+    floor = compute_floor(result, args.threads)
     env = environment(load_before)
-    md = runtimes_markdown(result)
+    md = runtimes_markdown(result) + "\n" + floor_markdown(floor)
     with open(os.path.join(args.out_dir, "environment.txt"), "w") as f:
         f.write(env)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write("# CPU inference: the official forward vs our runtimes\n\n" + env.replace("\n", "  \n") + "\n" + md + "\n")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({"environment": env, "ratios": ratios(result), **result}, f, indent=1)
+        json.dump({"environment": env, "ratios": ratios(result), "compute_floor": floor, **result}, f, indent=1)
     shutil.rmtree(workdir, ignore_errors=True)  # exported models are not results
     print(env)
     print(md)
