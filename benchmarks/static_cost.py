@@ -85,6 +85,10 @@ ASSUMPTIONS = [
     "throughput table), a second limit beside issue.",
     "Estimate = max(issue time, MUFU time, H100 floor); ratio = estimate / H100 floor (1.0 = at the memory floor, if "
     "issue and MUFU were the only other limits). Launch overhead (several us per launch) is not included.",
+    "Not in the estimate, reported beside it (tensor_us in the json): a tensor-pipe time, the busiest SM's HMMA "
+    "multiply-adds at an ASSUMED 1024 per clock per SM for 16-bit mma.sync (HMMA; half the dense wgmma peak of 2048, "
+    "which HGMMA is counted at; TF32 half those). If the real mma.sync rate is that low, launches whose tensor_us "
+    "reaches their estimate are tensor-bound.",
     "Occupancy (blocks per SM) from registers (allocated per warp in units of 256), shared memory (+1 KB reserved per "
     "block, 228 KB per SM), threads (2048 per SM) and the 32-block limit. Waves = programs / (132 x blocks per SM).",
     "dtype bf16 / fp32: the whole model in that dtype (model.to(dtype)); under torch.autocast the pruning gathers "
@@ -382,6 +386,51 @@ def branch_executions(instrs, loops, mapped, per_src, walker, kernel_file):
                 out[k] = count / per_src[src] if src is not None else count
                 break
     return out
+
+
+_HMMA_SHAPE_RE = re.compile(r"^HMMA\.(16816|1688|884|168)\.")
+# Informational tensor-pipe term (not part of the estimate): assumed mma.sync (HMMA) throughput per SM per clock in
+# multiply-adds, half of the dense wgmma peak (989 TFLOP/s bf16 = 2048 MAC / clock / SM at 1.83 GHz); TF32 at half
+# the 16-bit rate. Microbenchmarks of Hopper report legacy mma.sync well below wgmma; this rate is an assumption,
+# not a measurement.
+HMMA_MAC_PER_CLK = {"16bit": 1024, "tf32": 512, "wgmma": 2048, "wgmma_tf32": 1024}
+
+
+_HGMMA_SHAPE_RE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.")
+
+
+def hmma_macs(op):
+    """Multiply-adds of one warp's MMA instruction and the rate class (None for other instructions). An HGMMA
+    (wgmma) is issued by the 4 warps of a warpgroup for one M x N x K product: a quarter per warp, at the wgmma
+    rate."""
+    g = _HGMMA_SHAPE_RE.match(op)
+    if g:
+        return int(g.group(1)) * int(g.group(2)) * int(g.group(3)) // 4, (
+            "wgmma_tf32" if ".TF32" in op else "wgmma")
+    m = _HMMA_SHAPE_RE.match(op)
+    if not m:
+        return None
+    shape = {"16816": 16 * 8 * 16, "1688": 16 * 8 * 8, "884": 8 * 8 * 4, "168": 16 * 8 * 8}[m.group(1)]
+    return shape, ("tf32" if ".TF32" in op else "16bit")
+
+
+def tensor_time_us(instrs, loops, loop_execs, programs, warps, inst_execs=None, gpu=None):
+    """Busiest SM's HMMA multiply-adds / (HMMA_MAC_PER_CLK x clock): a tensor-pipe time, reported beside the
+    estimate (not in it)."""
+    gpu = gpu or H100
+    if programs <= 0:
+        return 0.0
+    owner = innermost_loop(loops, len(instrs))
+    clocks = 0.0
+    for k, ins in enumerate(instrs):
+        mk = hmma_macs(ins["op"])
+        if mk is None:
+            continue
+        ex = inst_execs[k] if inst_execs is not None and inst_execs[k] is not None else (
+            loop_execs[owner[k]] if owner[k] is not None else programs)
+        clocks += ex * warps * mk[0] / HMMA_MAC_PER_CLK[mk[1]]
+    busiest = math.ceil(programs / gpu["sms"]) * clocks / programs
+    return busiest / (gpu["clock_ghz"] * 1e3)
 
 
 def mufu_time_us(mufu_warp_instr, programs, gpu=None):
@@ -1111,6 +1160,7 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
     issue = issue_time_us(total_instr, programs)
     mufu_instr = executed_instructions(instrs, loops, loop_execs, programs, warps, cls="mufu", inst_execs=inst_execs)
     mufu = mufu_time_us(mufu_instr, programs)
+    tensor = tensor_time_us(instrs, loops, loop_execs, programs, warps, inst_execs=inst_execs)
     worst = {}
     if walker.has_rare:
         # the same launch with the rare-marked branches counted taken on every execution (the worst case)
@@ -1157,6 +1207,7 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
         executed_warp_instructions=int(total_instr),
         bytes=int(nbytes), bytes_rule=rule, floor_us_h100=round(fl100, 3), floor_us_h200=round(fl200, 3),
         issue_us=round(issue, 3), mufu_us=round(mufu, 3), executed_mufu_instructions=int(mufu_instr),
+        tensor_us=round(tensor, 3),
         estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
         estimate_us_h200=round(max(issue, mufu, fl200), 3),
         ratio_h200=round(max(issue, mufu, fl200) / fl200, 3) if fl200 else None,
@@ -1452,6 +1503,21 @@ def render_markdown(records, results, variants, batches, dtypes, only, baseline=
             lines.append("")
     lines += ["(per-launch figures; a shape's forward runs once per layer that has it, see `launches_per_*` in "
               "the json. bwd ratio = (dq + dkdv estimates) / (their floors).)", ""]
+    # the two figures beside the estimate: rare-marked branches taken every time, and the tensor pipe
+    big = sorted(batches, reverse=True)[:1]
+    cav = [r for r in ok if r["op"] == "mhga" and r["batch"] in big and r["dtype"] == (dtypes[0] if dtypes else "")]
+    if cav:
+        lines += [f"## Beside the estimate: worst case of the rare branches, tensor pipe (B = {big[0]}, {dtypes[0]})",
+                  "", "`ratio if rare taken`: the launch with its `# static-cost: rare` branches (the forward's lazy "
+                  "rescaling) counted taken on every execution. `tensor us`: HMMA multiply-adds at the assumed "
+                  "mma.sync rate (see Assumptions), not part of the estimate.", "",
+                  "| variant | shape | kernel | est us | ratio | ratio if rare taken | tensor us |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cav:
+            lines.append(f"| {r['variant']} | {r['shape']} | {r['kernel']} | {_fmt(r['estimate_us'])} | "
+                         f"{_fmt(r['ratio'], 2)} | {_fmt(r.get('ratio_if_rare_taken'), 2) if 'ratio_if_rare_taken' in r else '-'} | "
+                         f"{_fmt(r.get('tensor_us'))} |")
+        lines.append("")
     # totals per model call: sum of estimates x launches
     lines += ["## Totals per model call (sum over launches of estimate x count; kernels of these ops only)", "",
               "| variant | B | dtype | eval forward: est / floor us (ratio) | train step: est / floor us (ratio) |",
