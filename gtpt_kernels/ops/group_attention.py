@@ -38,8 +38,10 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
   are upcast to fp32.
 * **Cost** - the shared count is a constexpr (the key mapping is a multiply-shift), masks run only in the tiles
   that need them (``PEEL``; compiled fp32 keeps one masked loop), the pad row/column comes from zeroed ``q``/``dO``
-  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dots run one warp per 16 tile rows.
-  Static sm_90 estimates before/after are in the README.
+  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dk/dv runs one warp per 16 key rows,
+  the 16-bit forward and dq one warp per 32-row query tile (head dims <= 32). The 16-bit forward rescales lazily
+  (FlashAttention-4): after the exact first tile the running max moves only when a tile's max exceeds it by more
+  than ``_LAZY_RESCALE`` (log2 units), in a program-uniform branch. Static sm_90 estimates are in the README.
 * **Launch configs** - a fixed heuristic keyed on (N, D, dtype), no autotuning: the autotuner crashes without a
   GPU, and a benchmark-driven choice of ``BLOCK_N`` would change the summation order from process to process,
   breaking run-to-run bitwise reproducibility.
@@ -149,8 +151,9 @@ if triton is not None:
         """The masked logits of one key tile, shared by the forward and dq (so both see the same P): the key and
         value pointers (when OWN_ONLY, the loop-invariant key pointers ``own_k`` of the group's first own keys
         moved by ``start`` rows, values ``v_off`` elements further: a 64-bit add per 16-byte chunk instead of a
-        row-offset multiply and a pointer build), their load mask, the keys, and ``q . k`` (times ``qk_scale`` unless POS_SCALE, where the caller folds
-        the scale in later) with keys >= L (BOUNDS) and the pad key (PAD_KEY) at -inf."""
+        row-offset multiply and a pointer build), their load mask, the keys, and ``q . k`` (times ``qk_scale``
+        unless POS_SCALE, where the caller folds the scale in later) with keys >= L (BOUNDS) and the pad key
+        (PAD_KEY) at -inf."""
         offs_j = start + tl.arange(0, BLOCK_N)
         if OWN_ONLY:
             k_ptrs = own_k + start * s_qn
@@ -174,11 +177,10 @@ if triton is not None:
         return v_ptrs, kv_mask, k, qk
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask, not_pad_row,
-                  qk_scale,
-                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
-                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
-                  OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
+    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
+                  not_pad_row, qk_scale, S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
+                  PAD_KEY: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  GUARD: tl.constexpr, OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
         """One key tile of the online softmax, the max moved on every tile. BOUNDS masks keys >= L (only the first
         and the last tile); PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD:
         a row may still have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY:
@@ -187,9 +189,9 @@ if triton is not None:
         P.ones (every column the row sum of the rounded P the P.V dot multiplies), instead of a per-logit add
         and a cross-lane reduction per tile. (16-bit dots move the max lazily after the first tile: the kernel's
         LAZY branch around _fwd_rescale, then _fwd_accumulate.)"""
-        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask, not_pad_row,
-                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
-                                         OWN_ONLY)
+        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE,
+                                              DOT_PREC, UPCAST, OWN_ONLY)
         m_new = tl.maximum(m_i, _row_max(qk, qk_scale, POS_SCALE))
         if GUARD:
             # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -227,7 +229,12 @@ if triton is not None:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         p_lo = _cast(p, v.dtype, UPCAST)
         if SUM_DOT:
-            l_i = l_i + _dot(p_lo, tl.full([BLOCK_N, 16], 1.0, v.dtype), DOT_PREC, UPCAST)
+            if UPCAST:
+                # _dot upcasts anyway, and a bf16 tl.full fails in the triton 3.6 interpreter
+                ones = tl.full([BLOCK_N, 16], 1.0, tl.float32)
+            else:
+                ones = tl.full([BLOCK_N, 16], 1.0, v.dtype)
+            l_i = l_i + _dot(p_lo, ones, DOT_PREC, UPCAST)
         else:
             l_i = l_i + tl.sum(p, 1)
         acc = acc + _dot(p_lo, v, DOT_PREC, UPCAST)
@@ -290,7 +297,8 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         # 16-bit dots: the row sums of P on the tensor cores (SUM_DOT, see _fwd_tile); they sum the P that the P.V
         # dot multiplies, rounded as it rounds them, so the output is an exact weighted mean of the V rows.
-        SUM_DOT: tl.constexpr = PEEL and (DOT_PREC == "tf32") and (not (QKV.dtype.element_ty == tl.float32))
+        # (no chained boolean operators and no `not`: triton 3.2 rejects both here)
+        SUM_DOT: tl.constexpr = (PEEL and (DOT_PREC == "tf32")) and (QKV.dtype.element_ty != tl.float32)
         if SUM_DOT:
             l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
         else:
@@ -313,39 +321,39 @@ if triton is not None:
                     # branch uniform over the program (one warp: a shuffle reduction); otherwise P is taken
                     # against the stale max (P <= 2^LAZY) and acc and l_i are not rescaled. They share that max,
                     # so out = acc / l and LSE = m + log2(l) are exact up to rounding.
-                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
-                                                        not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE,
-                                                        DOT_PREC, UPCAST, SHARED_FIRST)
+                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k,
+                                                          v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, False,
+                                                          False, POS_SCALE, DOT_PREC, UPCAST, SHARED_FIRST)
                     m_tile = _row_max(qk, qk_scale, POS_SCALE)
                     if tl.max(m_tile - m_i, 0) > LAZY:  # static-cost: rare
                         acc, l_i, m_i = _fwd_rescale(acc, l_i, m_i, m_tile, SUM_DOT)
                     acc, l_i = _fwd_accumulate(acc, l_i, qk, m_i, v_ptrs, kv_mask, qk_scale, BLOCK_N,
                                                POS_SCALE, DOT_PREC, UPCAST, SUM_DOT)
                 else:
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols,
-                                              v_cols, own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                              own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False,
                                               POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
             if (full_end >= BLOCK_N) & (full_end < L):
                 if LAZY > 0:
-                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
-                                                        not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE,
-                                                        DOT_PREC, UPCAST, SHARED_FIRST)
+                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                                          own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True,
+                                                          False, POS_SCALE, DOT_PREC, UPCAST, SHARED_FIRST)
                     m_tile = _row_max(qk, qk_scale, POS_SCALE)
                     if tl.max(m_tile - m_i, 0) > LAZY:  # static-cost: rare
                         acc, l_i, m_i = _fwd_rescale(acc, l_i, m_i, m_tile, SUM_DOT)
                     acc, l_i = _fwd_accumulate(acc, l_i, qk, m_i, v_ptrs, kv_mask, qk_scale, BLOCK_N,
                                                POS_SCALE, DOT_PREC, UPCAST, SUM_DOT)
                 else:
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols,
-                                              v_cols, own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False,
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                              own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False,
                                               POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
         else:
             # One loop, every tile masked: a third of the code (fp32 FMA dots, where masks cost little next to
             # the dot and three inlined copies of the tile spill registers and double compile times).
             for start in range(0, L, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN,
-                                          POS_SCALE, DOT_PREC, UPCAST, True, False, False)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k,
+                                          v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
+                                          DOT_PREC, UPCAST, True, False, False)
 
         if SUM_DOT:
             l_i = tl.max(l_i, 1)  # 16 equal columns
@@ -369,9 +377,9 @@ if triton is not None:
                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
         # Same logits as the forward (one helper), so P is recomputed consistently with the stored LSE (masked
         # entries are -inf there, so exp2 gives exactly 0).
-        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask, not_pad_row,
-                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
-                                         OWN_ONLY)
+        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE,
+                                              DOT_PREC, UPCAST, OWN_ONLY)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if POS_SCALE:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -438,21 +446,22 @@ if triton is not None:
         v_off = C * s_qc  # values sit C columns after the keys
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if PEEL:
-            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask, not_pad_row,
-                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
+            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
+                          not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
             full_end = (L // BLOCK_N) * BLOCK_N
             for start in range(BLOCK_N, full_end, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST,
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST,
                               SHARED_FIRST)
             if (full_end >= BLOCK_N) & (full_end < L):
-                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST,
+                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST,
                               SHARED_FIRST)
         else:
             for start in range(0, L, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST,
+                              False)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
@@ -469,9 +478,9 @@ if triton is not None:
         m_valid = offs_m < N
         q_mask = m_valid[:, None] & d_mask
         if PAD_TOKEN:
-            pad_col = (offs_m + gq) == 0  # the pad query (gq=0, m=0)
+            not_pad_col = (offs_m + gq) != 0  # all but the pad query (gq=0, m=0); no `~`: 3.2 interpreter
             # A zero pad query gives its constant (0) logits, and its dS cannot reach dk (dk += dS.q).
-            q_mask = q_mask & (~pad_col)[:, None]
+            q_mask = q_mask & not_pad_col[:, None]
         q = tl.load(q_base + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * s_dn + do_cols[None, :], mask=m_valid[:, None] & d_mask,
                      other=0.0)
@@ -535,8 +544,11 @@ if triton is not None:
         do_cols = hd * s_dc
 
         for job in range(0, 2):
-            own = job == 0
-            active = (own & (u < n_own_all)) | ((job == 1) & (s_tile < N_SHARED_TILES))
+            # job_t: a tensor under every interpreter too (job is a Python int there, and the triton 3.2
+            # interpreter cannot promote a Python bool to an i1 scalar); the compiler folds it to job.
+            job_t = u * 0 + job
+            own = job_t == 0
+            active = (own & (u < n_own_all)) | ((job_t == 1) & (s_tile < N_SHARED_TILES))
             if active:
                 g_own = u // N_OWN_DIV
                 g = tl.where(own, g_own, 0)
@@ -693,16 +705,12 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
     if out.numel() == 0:
         return out, lse
     grid = (B * G, heads, triton.cdiv(N, cfg["fwd_m"]))
-    _launch(_mhga_fwd_kernel, grid,
-            qkv, out, lse,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
-            out.stride(0), out.stride(1), out.stride(2),
-            G, N, C,
-            scale * _LOG2E,
-            S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
-            PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
-            UPCAST=interpret and qkv.dtype == torch.bfloat16, PEEL=_peel(cfg, qkv.dtype, interpret),
-            SHARED_FIRST=G * S <= cfg["fwd_n"], LAZY=float(cfg.get("lazy", 0.0)) if _peel(cfg, qkv.dtype, interpret) else 0.0,
+    _launch(_mhga_fwd_kernel, grid, qkv, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+            out.stride(0), out.stride(1), out.stride(2), G, N, C, scale * _LOG2E, S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"],
+            BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, POS_SCALE=scale > 0,
+            DOT_PREC=_dot_precision(qkv.dtype, fp32_precision), UPCAST=interpret and qkv.dtype == torch.bfloat16,
+            PEEL=_peel(cfg, qkv.dtype, interpret), SHARED_FIRST=G * S <= cfg["fwd_n"],
+            LAZY=float(cfg.get("lazy", 0.0)) if _peel(cfg, qkv.dtype, interpret) else 0.0,
             num_warps=cfg.get("fwd_warps", cfg["num_warps"]), num_stages=cfg["num_stages"])
     return out, lse
 
@@ -728,12 +736,11 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     # Launch 1 also writes delta, which launch 2 reads: stream order makes that safe.
-    _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg.get("dq_m", cfg["fwd_m"]))),
-            qkv, out, grad_out, lse, delta, dqkv,
-            *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
-            G, N, C, scale * _LOG2E, scale,
-            BLOCK_M=cfg.get("dq_m", cfg["fwd_m"]), BLOCK_N=cfg["fwd_n"], num_warps=cfg.get("dq_warps", cfg["num_warps"]),
-            SHARED_FIRST=G * S <= cfg["fwd_n"], **dict(common, num_stages=cfg.get("dq_stages", cfg["num_stages"])))
+    _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg.get("dq_m", cfg["fwd_m"]))), qkv, out, grad_out, lse,
+            delta, dqkv, *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides, G, N, C,
+            scale * _LOG2E, scale, BLOCK_M=cfg.get("dq_m", cfg["fwd_m"]), BLOCK_N=cfg["fwd_n"],
+            num_warps=cfg.get("dq_warps", cfg["num_warps"]), SHARED_FIRST=G * S <= cfg["fwd_n"],
+            **dict(common, num_stages=cfg.get("dq_stages", cfg["num_stages"])))
     # dk/dv work items: shared-key tiles and per-group own-key tiles, spread over the (B*G, H, cdiv(N, bwd_n))
     # grid (see the kernel); there are always enough slots: G*cdiv(N - S) own tiles and cdiv(G*S) <= G*cdiv(S).
     bwd_n = cfg["bwd_n"]
