@@ -70,7 +70,10 @@ ASSUMPTIONS = [
     "programs of the launch's average size (programs spread round-robin, resident blocks share the issue slots).",
     "Executed instructions: every SASS instruction of a loop body issues once per iteration of its innermost loop "
     "(predicated-off instructions issue too; instructions behind a data-dependent branch are counted as taken); "
-    "instructions outside loops issue once per program; x warps per program.",
+    "instructions outside loops issue once per program; x warps per program. Exception (2026-12-06): unpredicated "
+    "instructions whose source line lies in the body or else branch of an if with a scalar condition the trip walk "
+    "evaluates (e.g. a work-item slot that has no second job) issue as often as that branch runs, not every "
+    "iteration of the enclosing loop.",
     "Trip counts: the kernel's Python source walked per program with the launch's scalar arguments and "
     "constexprs (loop bounds, scalar if-conditions); a software-pipelined loop is counted with its source trip "
     "count. Loops are mapped to source for-statements by the SASS line info.",
@@ -82,6 +85,10 @@ ASSUMPTIONS = [
     "throughput table), a second limit beside issue.",
     "Estimate = max(issue time, MUFU time, H100 floor); ratio = estimate / H100 floor (1.0 = at the memory floor, if "
     "issue and MUFU were the only other limits). Launch overhead (several us per launch) is not included.",
+    "Not in the estimate, reported beside it (tensor_us in the json): a tensor-pipe time, the busiest SM's HMMA "
+    "multiply-adds at an ASSUMED 1024 per clock per SM for 16-bit mma.sync (HMMA; half the dense wgmma peak of 2048, "
+    "which HGMMA is counted at; TF32 half those). If the real mma.sync rate is that low, launches whose tensor_us "
+    "reaches their estimate are tensor-bound.",
     "Occupancy (blocks per SM) from registers (allocated per warp in units of 256), shared memory (+1 KB reserved per "
     "block, 228 KB per SM), threads (2048 per SM) and the 32-block limit. Waves = programs / (132 x blocks per SM).",
     "dtype bf16 / fp32: the whole model in that dtype (model.to(dtype)); under torch.autocast the pruning gathers "
@@ -328,18 +335,102 @@ def floor_us(nbytes, bw):
     return nbytes / bw * 1e6
 
 
-def executed_instructions(instrs, loops, loop_execs, programs, warps, cls=None):
+def executed_instructions(instrs, loops, loop_execs, programs, warps, cls=None, inst_execs=None):
     """Warp instructions a launch issues: each instruction x executions of its innermost loop (programs if outside
     every loop) x warps per program. ``loop_execs[i]`` = total body executions of SASS loop i over the grid.
-    ``cls``: count only the instructions of that class (:func:`classify`), e.g. ``"mufu"``."""
+    ``cls``: count only the instructions of that class (:func:`classify`), e.g. ``"mufu"``. ``inst_execs``:
+    per-instruction executions that replace that default where not None (see :func:`branch_executions`)."""
     owner = innermost_loop(loops, len(instrs))
     total = 0.0
     for k in range(len(instrs)):
         if cls is not None and classify(instrs[k]["op"]) != cls:
             continue
+        if inst_execs is not None and inst_execs[k] is not None:
+            total += inst_execs[k]
+            continue
         li = owner[k]
         total += loop_execs[li] if li is not None else programs
     return total * warps
+
+
+def branch_executions(instrs, loops, mapped, per_src, walker, kernel_file):
+    """Executions of the instructions that sit in the body (or else branch) of a source ``if`` whose condition the
+    trip walk evaluated: the if's own count over the grid (split like its loop's count when several SASS loops map to
+    that source loop), instead of every execution of the enclosing loop. Only unpredicated instructions (an
+    instruction under a guard predicate is if-converted code that issues whether or not its condition holds) whose
+    kernel source line lies in the branch and whose innermost SASS loop maps to the if's enclosing source loop (or
+    that are outside every loop for a top-level if); the innermost such branch wins. An if whose condition is a
+    tensor value is walked as taken, so its body keeps the count of the enclosing loop. Returns a list with None
+    where the default applies."""
+    owner = innermost_loop(loops, len(instrs))
+    regions = []
+    for it in walker.ifs:
+        for branch in ("body", "orelse"):
+            span = it[branch]
+            if span is not None:
+                regions.append((span[1] - span[0], span, it["loop"], walker.if_counts.get((it["line"], branch), 0)))
+    regions.sort(key=lambda r: r[0])
+    out = [None] * len(instrs)
+    for k, ins in enumerate(instrs):
+        if ins["text"].startswith("@"):
+            continue
+        line = kernel_line(ins["loc"], kernel_file)
+        if line is None:
+            continue
+        li = owner[k]
+        src = mapped[li] if li is not None else None
+        if li is not None and src is None:
+            continue
+        for _, (lo, hi), loop, count in regions:
+            if loop == src and lo <= line <= hi:
+                out[k] = count / per_src[src] if src is not None else count
+                break
+    return out
+
+
+_HMMA_SHAPE_RE = re.compile(r"^HMMA\.(16816|1688|884|168)\.")
+# Informational tensor-pipe term (not part of the estimate): assumed mma.sync (HMMA) throughput per SM per clock in
+# multiply-adds, half of the dense wgmma peak (989 TFLOP/s bf16 = 2048 MAC / clock / SM at 1.83 GHz); TF32 at half
+# the 16-bit rate. Microbenchmarks of Hopper report legacy mma.sync well below wgmma; this rate is an assumption,
+# not a measurement.
+HMMA_MAC_PER_CLK = {"16bit": 1024, "tf32": 512, "wgmma": 2048, "wgmma_tf32": 1024}
+
+
+_HGMMA_SHAPE_RE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.")
+
+
+def hmma_macs(op):
+    """Multiply-adds of one warp's MMA instruction and the rate class (None for other instructions). An HGMMA
+    (wgmma) is issued by the 4 warps of a warpgroup for one M x N x K product: a quarter per warp, at the wgmma
+    rate."""
+    g = _HGMMA_SHAPE_RE.match(op)
+    if g:
+        return int(g.group(1)) * int(g.group(2)) * int(g.group(3)) // 4, (
+            "wgmma_tf32" if ".TF32" in op else "wgmma")
+    m = _HMMA_SHAPE_RE.match(op)
+    if not m:
+        return None
+    shape = {"16816": 16 * 8 * 16, "1688": 16 * 8 * 8, "884": 8 * 8 * 4, "168": 16 * 8 * 8}[m.group(1)]
+    return shape, ("tf32" if ".TF32" in op else "16bit")
+
+
+def tensor_time_us(instrs, loops, loop_execs, programs, warps, inst_execs=None, gpu=None):
+    """Busiest SM's HMMA multiply-adds / (HMMA_MAC_PER_CLK x clock): a tensor-pipe time, reported beside the
+    estimate (not in it)."""
+    gpu = gpu or H100
+    if programs <= 0:
+        return 0.0
+    owner = innermost_loop(loops, len(instrs))
+    clocks = 0.0
+    for k, ins in enumerate(instrs):
+        mk = hmma_macs(ins["op"])
+        if mk is None:
+            continue
+        ex = inst_execs[k] if inst_execs is not None and inst_execs[k] is not None else (
+            loop_execs[owner[k]] if owner[k] is not None else programs)
+        clocks += ex * warps * mk[0] / HMMA_MAC_PER_CLK[mk[1]]
+    busiest = math.ceil(programs / gpu["sms"]) * clocks / programs
+    return busiest / (gpu["clock_ghz"] * 1e3)
 
 
 def mufu_time_us(mufu_warp_instr, programs, gpu=None):
@@ -375,8 +466,16 @@ class TripWalker:
     recorded in ``self.flags``)."""
 
     MAX_STEPS = 200000
+    RARE_MARK = "static-cost: rare"
 
-    def __init__(self, source, first_line, env, globals_=None):
+    def __init__(self, source, first_line, env, globals_=None, rare=True):
+        """``rare``: an ``if`` on a tensor value whose line carries the comment ``# static-cost: rare`` (a branch
+        that the kernel expects to take seldom, e.g. lazy softmax rescaling) is counted taken on its first
+        execution in each program and not taken after that; with ``rare=False`` it is counted taken always, like
+        any other data-dependent if."""
+        self.src_lines = textwrap.dedent(source).splitlines()
+        self.rare = rare
+        self.has_rare = any(self.RARE_MARK in ln for ln in self.src_lines)
         tree = ast.parse(textwrap.dedent(source))
         fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
         self.offset = first_line - 1  # ``source`` starts at the function's first line (its decorator)
@@ -385,10 +484,19 @@ class TripWalker:
         self.globals = globals_ or {}
         self.flags = set()
         self.loops = []  # dict(line, end, depth, parent)
+        # if statements: dict(line, loop (line of the nearest enclosing for, None at top level), body / orelse
+        # (first, last) source lines). Their executions over a grid are in self.if_counts after grid_counts.
+        self.ifs = []
+        self.if_counts = collections.Counter()
         self._collect(fn.body, 0, None)
 
     def _collect(self, body, depth, parent):
         for node in body:
+            if isinstance(node, ast.If):
+                def span(stmts):
+                    return (stmts[0].lineno + self.offset, stmts[-1].end_lineno + self.offset) if stmts else None
+                self.ifs.append(dict(line=node.lineno + self.offset, loop=parent, body=span(node.body),
+                                     orelse=span(node.orelse)))
             if isinstance(node, ast.For):
                 line = node.lineno + self.offset
                 it = node.iter
@@ -567,12 +675,23 @@ class TripWalker:
                     self._block(node.body, env, counts)
             elif isinstance(node, ast.If):
                 c = self.ev(node.test, env)
+                line = node.lineno + self.offset
+                marked = self.rare and self.RARE_MARK in self.src_lines[node.lineno - 1]
+                if c is UNKNOWN and marked:
+                    self.flags.add(f"if at line {line}: data-dependent, marked rare: counted taken on its first "
+                                   f"execution per program only (worst case, taken always: the *_if_rare_taken "
+                                   f"fields)")
+                    c = line not in self._rare_seen
+                    self._rare_seen.add(line)
                 if c is UNKNOWN:
-                    self.flags.add(f"if at line {node.lineno + self.offset}: condition not evaluable, counted taken")
+                    self.flags.add(f"if at line {line}: condition not evaluable, counted taken")
+                    counts[("if", line, "body")] += 1
                     self._block(node.body, env, counts)
                 elif c:
+                    counts[("if", line, "body")] += 1
                     self._block(node.body, env, counts)
                 else:
+                    counts[("if", line, "orelse")] += 1
                     self._block(node.orelse, env, counts)
             elif isinstance(node, ast.While):
                 self.flags.add(f"while at line {node.lineno + self.offset}: not evaluated")
@@ -587,6 +706,7 @@ class TripWalker:
         env["__pid__"], env["__grid__"] = pid, grid
         counts = collections.Counter()
         self._steps = 0
+        self._rare_seen = set()
         self._block(self.fn.body, env, counts)
         return counts
 
@@ -605,13 +725,18 @@ class TripWalker:
                         total.update(self.program((a, b, c), grid))
             return total
 
+        def split(total):
+            # loop counts are returned; the executions of if bodies / else branches go to self.if_counts
+            self.if_counts = collections.Counter({k[1:]: v for k, v in total.items() if isinstance(k, tuple)})
+            return collections.Counter({k: v for k, v in total.items() if not isinstance(k, tuple)})
+
         if batch and batch > 1 and g0 % batch == 0:
             per = g0 // batch
             first, second = walk(range(per)), walk(range(per, 2 * per))
             if first == second:
-                return collections.Counter({k: v * batch for k, v in first.items()})
+                return split(collections.Counter({k: v * batch for k, v in first.items()}))
             self.flags.add("programs differ between batch elements: whole grid walked")
-        return walk(range(g0))
+        return split(walk(range(g0)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1030,10 +1155,23 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
             flags.append(f"SASS loop {li} not mapped to a source loop: counted once per program")
         else:
             loop_execs.append(counts.get(m, 0) / per_src[m])
-    total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps)
+    inst_execs = branch_executions(instrs, loops, mapped, per_src, walker, kernel_file)
+    total_instr = executed_instructions(instrs, loops, loop_execs, programs, warps, inst_execs=inst_execs)
     issue = issue_time_us(total_instr, programs)
-    mufu_instr = executed_instructions(instrs, loops, loop_execs, programs, warps, cls="mufu")
+    mufu_instr = executed_instructions(instrs, loops, loop_execs, programs, warps, cls="mufu", inst_execs=inst_execs)
     mufu = mufu_time_us(mufu_instr, programs)
+    tensor = tensor_time_us(instrs, loops, loop_execs, programs, warps, inst_execs=inst_execs)
+    worst = {}
+    if walker.has_rare:
+        # the same launch with the rare-marked branches counted taken on every execution (the worst case)
+        w2 = TripWalker(source, first_line, dict(scalars, **consts), kernel_globals, rare=False)
+        w2.grid_counts(grid, batch=batch)
+        ex2 = branch_executions(instrs, loops, mapped, per_src, w2, kernel_file)
+        worst = dict(
+            issue_us_if_rare_taken=round(issue_time_us(executed_instructions(
+                instrs, loops, loop_execs, programs, warps, inst_execs=ex2), programs), 3),
+            mufu_us_if_rare_taken=round(mufu_time_us(executed_instructions(
+                instrs, loops, loop_execs, programs, warps, cls="mufu", inst_execs=ex2), programs), 3))
     nbytes, rule = launch_bytes(kernel_name, tensors, consts, scalars)
     if rule.startswith("generic"):
         flags.append("bytes: generic rule (no read/write model for this kernel in launch_bytes): every tensor "
@@ -1055,7 +1193,7 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
         if lr["forward_branches"] and (lr["share"] or 0) >= 0.05:
             flags.append(f"SASS loop {lr['index']} (source line {lr['source_line']}) has "
                          f"{lr['forward_branches']} forward branch(es) in its body: skipped parts are "
-                         f"counted as executed")
+                         f"counted as executed (except branches of ifs with an evaluable scalar condition)")
     w = waves(programs, bps)
     return dict(
         registers=regs, spill_bytes=(meta.get("local", 0) + meta.get("stack", 0)) if "local" in meta else None,
@@ -1069,10 +1207,14 @@ def estimate_launch(kernel_name, sass_analysis, meta, grid, batch, scalars, cons
         executed_warp_instructions=int(total_instr),
         bytes=int(nbytes), bytes_rule=rule, floor_us_h100=round(fl100, 3), floor_us_h200=round(fl200, 3),
         issue_us=round(issue, 3), mufu_us=round(mufu, 3), executed_mufu_instructions=int(mufu_instr),
+        tensor_us=round(tensor, 3),
         estimate_us=round(est, 3), ratio=round(est / fl100, 3) if fl100 else None,
         estimate_us_h200=round(max(issue, mufu, fl200), 3),
         ratio_h200=round(max(issue, mufu, fl200) / fl200, 3) if fl200 else None,
-        bound="memory" if fl100 >= max(issue, mufu) else ("issue" if issue >= mufu else "mufu"), flags=flags)
+        bound="memory" if fl100 >= max(issue, mufu) else ("issue" if issue >= mufu else "mufu"), flags=flags,
+        **worst, **({"ratio_if_rare_taken": round(max(worst["issue_us_if_rare_taken"],
+                                                      worst["mufu_us_if_rare_taken"], fl100) / fl100, 3)}
+                    if worst and fl100 else {}))
 
 
 def shape_name(ctx, cfg, order):
@@ -1361,6 +1503,21 @@ def render_markdown(records, results, variants, batches, dtypes, only, baseline=
             lines.append("")
     lines += ["(per-launch figures; a shape's forward runs once per layer that has it, see `launches_per_*` in "
               "the json. bwd ratio = (dq + dkdv estimates) / (their floors).)", ""]
+    # the two figures beside the estimate: rare-marked branches taken every time, and the tensor pipe
+    big = sorted(batches, reverse=True)[:1]
+    cav = [r for r in ok if r["op"] == "mhga" and r["batch"] in big and r["dtype"] == (dtypes[0] if dtypes else "")]
+    if cav:
+        lines += [f"## Beside the estimate: worst case of the rare branches, tensor pipe (B = {big[0]}, {dtypes[0]})",
+                  "", "`ratio if rare taken`: the launch with its `# static-cost: rare` branches (the forward's lazy "
+                  "rescaling) counted taken on every execution. `tensor us`: HMMA multiply-adds at the assumed "
+                  "mma.sync rate (see Assumptions), not part of the estimate.", "",
+                  "| variant | shape | kernel | est us | ratio | ratio if rare taken | tensor us |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cav:
+            lines.append(f"| {r['variant']} | {r['shape']} | {r['kernel']} | {_fmt(r['estimate_us'])} | "
+                         f"{_fmt(r['ratio'], 2)} | {_fmt(r.get('ratio_if_rare_taken'), 2) if 'ratio_if_rare_taken' in r else '-'} | "
+                         f"{_fmt(r.get('tensor_us'))} |")
+        lines.append("")
     # totals per model call: sum of estimates x launches
     lines += ["## Totals per model call (sum over launches of estimate x count; kernels of these ops only)", "",
               "| variant | B | dtype | eval forward: est / floor us (ratio) | train step: est / floor us (ratio) |",

@@ -127,6 +127,42 @@ def test_fp32_multi_tile(case, small_tiles):
 
 
 @pytest.fixture
+def lazy_small_tiles(monkeypatch):
+    """16-wide tiles with the forward's lazy rescaling (the running max moves only when a tile's max exceeds it by
+    more than ``lazy`` log2 units), as 16-bit compiled configs run it."""
+    def cfg(N, L, D, dtype, interpret):
+        block_d = max(16, ga_mod._next_pow2(D))
+        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16, block_d=block_d, num_warps=4, dkdv_warps=4,
+                    num_stages=1, lazy=ga_mod._LAZY_RESCALE)
+    monkeypatch.setattr(ga_mod, "_launch_config", cfg)
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=_ids(TILED_CASES))
+def test_fp32_multi_tile_lazy_rescale(case, lazy_small_tiles):
+    _check_fp32(case, seed=3)
+
+
+@pytest.mark.parametrize("grow", [4.0, 40.0])
+def test_lazy_rescale_when_the_max_grows(grow, lazy_small_tiles):
+    """Keys whose logits grow along the sequence: by ~4 log2 units in all (the stale max is kept, P up to 2^4) and
+    by ~40 (the rescale branch runs on later tiles), fp32 against the fp64 reference, forward and backward."""
+    B, G, N, H, D, S = 1, 3, 45, 1, 24, 6
+    qkv = make_qkv(B, G, N, H, D, seed=11)
+    q = qkv[..., :H * D]
+    q.copy_(q.abs().mean(-1, keepdim=True).expand_as(q).clone() + 0.1 * q)  # queries along +1 (logits ~ sum(k))
+    ramp = torch.linspace(0.0, 1.0, N).to(DEVICE)[None, None, :, None]
+    k = qkv[..., H * D:2 * H * D]
+    k.copy_(0.3 * k + ramp * grow / (D * 0.5))
+    grad_out = torch.randn(B, G, N, H * D, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    kw = dict(scale=1.0, pad_token=True)
+    out, dqkv = run(qkv, H, S, grad_out, "triton", **kw)
+    ref, dref = run(qkv, H, S, grad_out, "fp64", **kw)
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    assert max_err(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item()), f"out err {max_err(out, ref):.3e}"
+    assert max_err(dqkv, dref) <= 2e-5 * max(1.0, dref.abs().max().item()), f"dqkv err {max_err(dqkv, dref):.3e}"
+
+
+@pytest.fixture
 def one_loop_tiles(monkeypatch):
     """16-wide tiles in the kernels' one-loop form (every tile masked, PEEL=False), which compiled fp32 runs;
     the interpreter otherwise runs the peeled form (first/last tiles masked, the rest unmasked)."""

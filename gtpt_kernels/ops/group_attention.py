@@ -38,8 +38,10 @@ Design (see ``/work/shared/reference/kernel-anchors.md`` sections 3, 4 and 9):
   are upcast to fp32.
 * **Cost** - the shared count is a constexpr (the key mapping is a multiply-shift), masks run only in the tiles
   that need them (``PEEL``; compiled fp32 keeps one masked loop), the pad row/column comes from zeroed ``q``/``dO``
-  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dots run one warp per 16 tile rows.
-  Static sm_90 estimates before/after are in the README.
+  rows and a once-per-program fix-up of the pad key's dk/dv row, and 16-bit dk/dv runs one warp per 16 key rows,
+  the 16-bit forward and dq one warp per 32-row query tile (head dims <= 32). The 16-bit forward rescales lazily
+  (FlashAttention-4): after the exact first tile the running max moves only when a tile's max exceeds it by more
+  than ``_LAZY_RESCALE`` (log2 units), in a program-uniform branch. Static sm_90 estimates are in the README.
 * **Launch configs** - a fixed heuristic keyed on (N, D, dtype), no autotuning: the autotuner crashes without a
   GPU, and a benchmark-driven choice of ``BLOCK_N`` would change the summation order from process to process,
   breaking run-to-run bitwise reproducibility.
@@ -74,6 +76,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128  # register budget of one (BLOCK_M, BLOCK_D) fp32 accumulator per program
 
 _LOG2E = 1.4426950408889634
+# Lazy rescaling of the forward's online softmax (16-bit dots, and every dtype under the interpreter): the running
+# row max moves only when a tile's max exceeds it by more than this many log2 units, so P <= 2^_LAZY_RESCALE.
+_LAZY_RESCALE = 8.0
 
 # Test hook: when True, every buffer the kernels must fully write is pre-filled with NaN, so an element a
 # kernel forgets to write fails the closeness checks instead of silently holding stale memory.
@@ -139,22 +144,29 @@ if triton is not None:
             return src_g * s_qg + src_n * s_qn
 
     @triton.jit
-    def _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row, qk_scale,
+    def _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask, not_pad_row,
+                     qk_scale,
                      S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
                      POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
-        """The masked logits of one key tile, shared by the forward and dq (so both see the same P): the key rows
-        (a plain offset when OWN_ONLY), their load mask, the keys, and ``q . k`` (times ``qk_scale`` unless POS_SCALE, where
-        the caller folds the scale in later) with keys >= L (BOUNDS) and the pad key (PAD_KEY) at -inf."""
+        """The masked logits of one key tile, shared by the forward and dq (so both see the same P): the key and
+        value pointers (when OWN_ONLY, the loop-invariant key pointers ``own_k`` of the group's first own keys
+        moved by ``start`` rows, values ``v_off`` elements further: a 64-bit add per 16-byte chunk instead of a
+        row-offset multiply and a pointer build), their load mask, the keys, and ``q . k`` (times ``qk_scale``
+        unless POS_SCALE, where the caller folds the scale in later) with keys >= L (BOUNDS) and the pad key
+        (PAD_KEY) at -inf."""
         offs_j = start + tl.arange(0, BLOCK_N)
         if OWN_ONLY:
-            rows = g * s_qg + (offs_j - GS + S) * s_qn
+            k_ptrs = own_k + start * s_qn
+            v_ptrs = k_ptrs + v_off
         else:
             rows = _key_rows(offs_j, g, GS, s_qg, s_qn, S)
+            k_ptrs = base + rows[:, None] + k_cols[None, :]
+            v_ptrs = base + rows[:, None] + v_cols[None, :]
         if BOUNDS:
             kv_mask = (offs_j < L)[:, None] & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         qk = _dot(q, tl.trans(k), DOT_PREC, UPCAST)
         if not POS_SCALE:
             qk = qk * qk_scale
@@ -162,47 +174,82 @@ if triton is not None:
             qk = tl.where((offs_j < L)[None, :], qk, float("-inf"))
         if PAD_KEY:
             qk = tl.where((offs_j == 0)[None, :] & not_pad_row[:, None], float("-inf"), qk)
-        return rows, kv_mask, k, qk
+        return v_ptrs, kv_mask, k, qk
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
-                  qk_scale,
-                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
-                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
-                  OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
-        """One key tile of the online softmax. BOUNDS masks keys >= L (only the first and the last tile);
-        PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD: a row may still
-        have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY: the tile holds
-        only the group's own keys (every tile after the first when G*S <= BLOCK_N), a plain row offset.
-        SUM_DOT: the row sums of P run on the tensor cores, ``l_i`` being a (BLOCK_M, 16) accumulator of
+    def _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
+                  not_pad_row, qk_scale, S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
+                  PAD_KEY: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  GUARD: tl.constexpr, OWN_ONLY: tl.constexpr, SUM_DOT: tl.constexpr):
+        """One key tile of the online softmax, the max moved on every tile. BOUNDS masks keys >= L (only the first
+        and the last tile); PAD_KEY masks virtual key 0 for every row but the pad row (only the first tile). GUARD:
+        a row may still have no unmasked key (only the first tile: after it every row has a finite max). OWN_ONLY:
+        the tile holds only the group's own keys (every tile after the first when G*S <= BLOCK_N), a plain row
+        offset. SUM_DOT: the row sums of P run on the tensor cores, ``l_i`` being a (BLOCK_M, 16) accumulator of
         P.ones (every column the row sum of the rounded P the P.V dot multiplies), instead of a per-logit add
-        and a cross-lane reduction per tile."""
-        rows, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row,
-                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
-                                         OWN_ONLY)
-        if POS_SCALE:
-            # scale > 0 commutes with the max: one FFMA per logit (scale, subtract) instead of FMUL + FADD.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        and a cross-lane reduction per tile. (16-bit dots move the max lazily after the first tile: the kernel's
+        LAZY branch around _fwd_rescale, then _fwd_accumulate.)"""
+        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE,
+                                              DOT_PREC, UPCAST, OWN_ONLY)
+        m_new = tl.maximum(m_i, _row_max(qk, qk_scale, POS_SCALE))
         if GUARD:
             # A row whose keys so far are all masked keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_sub = m_new
+        alpha = tl.math.exp2(m_i - m_sub)
+        if SUM_DOT:
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha
+        acc, l_i = _fwd_accumulate(acc * alpha[:, None], l_i, qk, m_sub, v_ptrs, kv_mask, qk_scale,
+                                   BLOCK_N, POS_SCALE, DOT_PREC, UPCAST, SUM_DOT)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _row_max(qk, qk_scale, POS_SCALE: tl.constexpr):
+        """Row max of a tile's logits in exp2 units (scale > 0 commutes with the max: one multiply per row)."""
         if POS_SCALE:
+            return tl.max(qk, 1) * qk_scale
+        else:
+            return tl.max(qk, 1)
+
+    @triton.jit
+    def _fwd_accumulate(acc, l_i, qk, m_sub, v_ptrs, kv_mask, qk_scale, BLOCK_N: tl.constexpr,
+                        POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                        SUM_DOT: tl.constexpr):
+        """P = exp2(logits - m_sub) of one tile added into acc (P.V) and l_i (row sums), both already scaled to
+        the max m_sub."""
+        if POS_SCALE:
+            # scale > 0: one FFMA per logit (scale, subtract) instead of FMUL + FADD.
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         else:
             p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         p_lo = _cast(p, v.dtype, UPCAST)
         if SUM_DOT:
-            l_i = l_i * alpha[:, None] + _dot(p_lo, tl.full([BLOCK_N, 16], 1.0, v.dtype), DOT_PREC, UPCAST)
+            if UPCAST:
+                # _dot upcasts anyway, and a bf16 tl.full fails in the triton 3.6 interpreter
+                ones = tl.full([BLOCK_N, 16], 1.0, tl.float32)
+            else:
+                ones = tl.full([BLOCK_N, 16], 1.0, v.dtype)
+            l_i = l_i + _dot(p_lo, ones, DOT_PREC, UPCAST)
         else:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p_lo, v, DOT_PREC, UPCAST)
-        return acc, m_new, l_i
+            l_i = l_i + tl.sum(p, 1)
+        acc = acc + _dot(p_lo, v, DOT_PREC, UPCAST)
+        return acc, l_i
+
+    @triton.jit
+    def _fwd_rescale(acc, l_i, m_i, m_tile, SUM_DOT: tl.constexpr):
+        """Move the running max to max(m_i, m_tile), rescaling acc and the row sums."""
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.math.exp2(m_i - m_new)
+        if SUM_DOT:
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha
+        return acc * alpha[:, None], l_i, m_new
 
     @triton.jit
     def _mhga_fwd_kernel(
@@ -214,7 +261,7 @@ if triton is not None:
         S: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PAD_TOKEN: tl.constexpr, POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        PEEL: tl.constexpr, SHARED_FIRST: tl.constexpr,
+        PEEL: tl.constexpr, SHARED_FIRST: tl.constexpr, LAZY: tl.constexpr,
     ):
         pid_bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -241,11 +288,17 @@ if triton is not None:
             # key included): a zero query row gives exactly that (all logits 0) without a per-logit select.
             q_mask = q_mask & not_pad_row[:, None]
         q = tl.load(base + g * s_qg + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
+        # Key / value pointers of the group's own keys from virtual key 0 on (tiles of own keys only add a row
+        # offset to them, see _tile_logits).
+        own_off = g * s_qg + (tl.arange(0, BLOCK_N) - GS + S) * s_qn
+        own_k = base + own_off[:, None] + k_cols[None, :]
+        v_off = C * s_qc  # values sit C columns after the keys
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         # 16-bit dots: the row sums of P on the tensor cores (SUM_DOT, see _fwd_tile); they sum the P that the P.V
         # dot multiplies, rounded as it rounds them, so the output is an exact weighted mean of the V rows.
-        SUM_DOT: tl.constexpr = PEEL and (DOT_PREC == "tf32") and (not (QKV.dtype.element_ty == tl.float32))
+        # (no chained boolean operators and no `not`: triton 3.2 rejects both here)
+        SUM_DOT: tl.constexpr = (PEEL and (DOT_PREC == "tf32")) and (QKV.dtype.element_ty != tl.float32)
         if SUM_DOT:
             l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
         else:
@@ -257,25 +310,50 @@ if triton is not None:
             # full tiles in between unmasked, the partial last tile with the bounds mask. After the first tile
             # every row has a finite max (it holds a key that is unmasked for every row), so no later tile guards
             # against -inf, and when it holds all G*S shared keys the later tiles map keys with a plain offset.
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
                                       d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
                                       DOT_PREC, UPCAST, True, False, SUM_DOT)
             full_end = (L // BLOCK_N) * BLOCK_N
             for start in range(BLOCK_N, full_end, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False,
-                                          POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
+                if LAZY > 0:
+                    # Lazy rescaling (as FlashAttention-4): after the first tile, whose max is exact, the running
+                    # max m_i moves only when a row's tile max exceeds it by more than LAZY (log2 units), in a
+                    # branch uniform over the program (one warp: a shuffle reduction); otherwise P is taken
+                    # against the stale max (P <= 2^LAZY) and acc and l_i are not rescaled. They share that max,
+                    # so out = acc / l and LSE = m + log2(l) are exact up to rounding.
+                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k,
+                                                          v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, False,
+                                                          False, POS_SCALE, DOT_PREC, UPCAST, SHARED_FIRST)
+                    m_tile = _row_max(qk, qk_scale, POS_SCALE)
+                    if tl.max(m_tile - m_i, 0) > LAZY:  # static-cost: rare
+                        acc, l_i, m_i = _fwd_rescale(acc, l_i, m_i, m_tile, SUM_DOT)
+                    acc, l_i = _fwd_accumulate(acc, l_i, qk, m_i, v_ptrs, kv_mask, qk_scale, BLOCK_N,
+                                               POS_SCALE, DOT_PREC, UPCAST, SUM_DOT)
+                else:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                              own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False,
+                                              POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
             if (full_end >= BLOCK_N) & (full_end < L):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False,
-                                          POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
+                if LAZY > 0:
+                    v_ptrs, kv_mask, k, qk = _tile_logits(q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                                          own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True,
+                                                          False, POS_SCALE, DOT_PREC, UPCAST, SHARED_FIRST)
+                    m_tile = _row_max(qk, qk_scale, POS_SCALE)
+                    if tl.max(m_tile - m_i, 0) > LAZY:  # static-cost: rare
+                        acc, l_i, m_i = _fwd_rescale(acc, l_i, m_i, m_tile, SUM_DOT)
+                    acc, l_i = _fwd_accumulate(acc, l_i, qk, m_i, v_ptrs, kv_mask, qk_scale, BLOCK_N,
+                                               POS_SCALE, DOT_PREC, UPCAST, SUM_DOT)
+                else:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols,
+                                              own_k, v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False,
+                                              POS_SCALE, DOT_PREC, UPCAST, False, SHARED_FIRST, SUM_DOT)
         else:
             # One loop, every tile masked: a third of the code (fp32 FMA dots, where masks cost little next to
             # the dot and three inlined copies of the tile spill registers and double compile times).
             for start in range(0, L, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols,
-                                          d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN,
-                                          POS_SCALE, DOT_PREC, UPCAST, True, False, False)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k,
+                                          v_off, d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE,
+                                          DOT_PREC, UPCAST, True, False, False)
 
         if SUM_DOT:
             l_i = tl.max(l_i, 1)  # 16 equal columns
@@ -292,16 +370,17 @@ if triton is not None:
         tl.store(LSE + lse_row + offs_m, lse, mask=m_valid)
 
     @triton.jit
-    def _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
+    def _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
+                 not_pad_row,
                  qk_scale,
                  S: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, PAD_KEY: tl.constexpr,
                  POS_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, OWN_ONLY: tl.constexpr):
         # Same logits as the forward (one helper), so P is recomputed consistently with the stored LSE (masked
         # entries are -inf there, so exp2 gives exactly 0).
-        rows, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, d_mask, not_pad_row,
-                                         qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE, DOT_PREC, UPCAST,
-                                         OWN_ONLY)
-        v = tl.load(base + rows[:, None] + v_cols[None, :], mask=kv_mask, other=0.0)
+        v_ptrs, kv_mask, k, qk = _tile_logits(q, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, BOUNDS, PAD_KEY, POS_SCALE,
+                                              DOT_PREC, UPCAST, OWN_ONLY)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if POS_SCALE:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
         else:
@@ -362,23 +441,27 @@ if triton is not None:
 
         k_cols = (C + hd) * s_qc
         v_cols = (2 * C + hd) * s_qc
+        own_off = g * s_qg + (tl.arange(0, BLOCK_N) - GS + S) * s_qn  # as in the forward
+        own_k = base + own_off[:, None] + k_cols[None, :]
+        v_off = C * s_qc  # values sit C columns after the keys
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if PEEL:
-            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask, not_pad_row,
-                          qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
+            dq = _dq_tile(dq, q, do, lse, delta, base, 0, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off, d_mask,
+                          not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
             full_end = (L // BLOCK_N) * BLOCK_N
             for start in range(BLOCK_N, full_end, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST,
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, False, False, POS_SCALE, DOT_PREC, UPCAST,
                               SHARED_FIRST)
             if (full_end >= BLOCK_N) & (full_end < L):
-                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST,
+                dq = _dq_tile(dq, q, do, lse, delta, base, full_end, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, False, POS_SCALE, DOT_PREC, UPCAST,
                               SHARED_FIRST)
         else:
             for start in range(0, L, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, d_mask,
-                              not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST, False)
+                dq = _dq_tile(dq, q, do, lse, delta, base, start, g, GS, L, s_qg, s_qn, k_cols, v_cols, own_k, v_off,
+                              d_mask, not_pad_row, qk_scale, S, BLOCK_N, True, PAD_TOKEN, POS_SCALE, DOT_PREC, UPCAST,
+                              False)
 
         dq = dq * scale
         dq_ptrs = DQKV + b.to(tl.int64) * s_gb + g * s_gg + offs_m[:, None] * s_gn + hd[None, :]
@@ -395,9 +478,9 @@ if triton is not None:
         m_valid = offs_m < N
         q_mask = m_valid[:, None] & d_mask
         if PAD_TOKEN:
-            pad_col = (offs_m + gq) == 0  # the pad query (gq=0, m=0)
+            not_pad_col = (offs_m + gq) != 0  # all but the pad query (gq=0, m=0); no `~`: 3.2 interpreter
             # A zero pad query gives its constant (0) logits, and its dS cannot reach dk (dk += dS.q).
-            q_mask = q_mask & (~pad_col)[:, None]
+            q_mask = q_mask & not_pad_col[:, None]
         q = tl.load(q_base + offs_m[:, None] * s_qn + q_cols[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * s_dn + do_cols[None, :], mask=m_valid[:, None] & d_mask,
                      other=0.0)
@@ -461,8 +544,11 @@ if triton is not None:
         do_cols = hd * s_dc
 
         for job in range(0, 2):
-            own = job == 0
-            active = (own & (u < n_own_all)) | ((job == 1) & (s_tile < N_SHARED_TILES))
+            # job_t: a tensor under every interpreter too (job is a Python int there, and the triton 3.2
+            # interpreter cannot promote a Python bool to an i1 scalar); the compiler folds it to job.
+            job_t = u * 0 + job
+            own = job_t == 0
+            active = (own & (u < n_own_all)) | ((job_t == 1) & (s_tile < N_SHARED_TILES))
             if active:
                 g_own = u // N_OWN_DIV
                 g = tl.where(own, g_own, 0)
@@ -534,7 +620,7 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         m = min(64, max(16, _next_pow2(N)))
         n = min(64, max(16, _next_pow2(L)))
         return dict(fwd_m=m, fwd_n=n, bwd_m=m, bwd_n=min(64, max(16, _next_pow2(N))), block_d=block_d,
-                    num_warps=4, dkdv_warps=4, num_stages=1)
+                    num_warps=4, dkdv_warps=4, num_stages=1, lazy=_LAZY_RESCALE)
     # GPU: GTPT rows are short (31..300). 32-row query tiles keep partial-tile waste low at N=82 (3x32 vs 2x64)
     # and give thousands of programs at B=32..128; longer sequences use 64-row tiles.
     if dtype != torch.float32 and block_d <= 64:
@@ -547,8 +633,15 @@ def _launch_config(N: int, L: int, D: int, dtype: torch.dtype, interpret: bool) 
         # dim 24 (32-query tiles: 179-186 in two stages, 138 in one; maxnreg=128 spilled); long plain attention
         # (the coarse layers, no shared keys) takes 64-key tiles on 4 warps, which share each q/dO tile load.
         long_plain = L == N and N > 224
+        # Forward and dq (2026-12-06): one warp per 32-row query tile at head dims <= 32, so each K/V tile's
+        # shared-memory reads, async copies, address arithmetic and loop control serve 32 rows, and the forward's
+        # lazy-rescale test (LAZY) is a shuffle reduction without a barrier; dq in one stage (two spilled
+        # 24-32 B at 168 registers). Static sm_90 estimates, B = 128, gtpt-s teacher shape: forward 2.46 -> 1.98 x
+        # floor (with lazy rescaling and the own-key pointers), dq 1.65 -> 1.39.
+        one = block_d <= 32
         return dict(fwd_m=32, fwd_n=32, bwd_m=16, bwd_n=64 if long_plain else 32, block_d=block_d, num_warps=2,
-                    dq_warps=2, dkdv_warps=4 if long_plain else 2, num_stages=2, dkdv_stages=1)
+                    fwd_warps=1 if one else 2, dq_warps=1 if one else 2, dq_stages=1 if one else 2,
+                    dkdv_warps=4 if long_plain else 2, num_stages=2, dkdv_stages=1, lazy=_LAZY_RESCALE)
     fwd_m = 32 if N <= 96 else 64
     fwd_n = 32 if L <= 48 else 64
     bwd_n = 32 if N <= 96 else 64
@@ -612,16 +705,13 @@ def _fwd_impl(qkv: Tensor, heads: int, num_shared: int, scale: float, pad_token:
     if out.numel() == 0:
         return out, lse
     grid = (B * G, heads, triton.cdiv(N, cfg["fwd_m"]))
-    _launch(_mhga_fwd_kernel, grid,
-            qkv, out, lse,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
-            out.stride(0), out.stride(1), out.stride(2),
-            G, N, C,
-            scale * _LOG2E,
-            S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"],
-            PAD_TOKEN=pad_token, POS_SCALE=scale > 0, DOT_PREC=_dot_precision(qkv.dtype, fp32_precision),
-            UPCAST=interpret and qkv.dtype == torch.bfloat16, PEEL=_peel(cfg, qkv.dtype, interpret),
-            SHARED_FIRST=G * S <= cfg["fwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_mhga_fwd_kernel, grid, qkv, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+            out.stride(0), out.stride(1), out.stride(2), G, N, C, scale * _LOG2E, S=S, HEAD_DIM=D, BLOCK_M=cfg["fwd_m"],
+            BLOCK_N=cfg["fwd_n"], BLOCK_D=cfg["block_d"], PAD_TOKEN=pad_token, POS_SCALE=scale > 0,
+            DOT_PREC=_dot_precision(qkv.dtype, fp32_precision), UPCAST=interpret and qkv.dtype == torch.bfloat16,
+            PEEL=_peel(cfg, qkv.dtype, interpret), SHARED_FIRST=G * S <= cfg["fwd_n"],
+            LAZY=float(cfg.get("lazy", 0.0)) if _peel(cfg, qkv.dtype, interpret) else 0.0,
+            num_warps=cfg.get("fwd_warps", cfg["num_warps"]), num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -646,12 +736,11 @@ def _bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: in
     do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3))
     g_strides = (dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
     # Launch 1 also writes delta, which launch 2 reads: stream order makes that safe.
-    _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg["fwd_m"])),
-            qkv, out, grad_out, lse, delta, dqkv,
-            *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides,
-            G, N, C, scale * _LOG2E, scale,
-            BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], num_warps=cfg.get("dq_warps", cfg["num_warps"]),
-            SHARED_FIRST=G * S <= cfg["fwd_n"], **common)
+    _launch(_mhga_bwd_dq_kernel, (B * G, heads, triton.cdiv(N, cfg.get("dq_m", cfg["fwd_m"]))), qkv, out, grad_out, lse,
+            delta, dqkv, *q_strides, out.stride(0), out.stride(1), out.stride(2), *do_strides, *g_strides, G, N, C,
+            scale * _LOG2E, scale, BLOCK_M=cfg.get("dq_m", cfg["fwd_m"]), BLOCK_N=cfg["fwd_n"],
+            num_warps=cfg.get("dq_warps", cfg["num_warps"]), SHARED_FIRST=G * S <= cfg["fwd_n"],
+            **dict(common, num_stages=cfg.get("dq_stages", cfg["num_stages"])))
     # dk/dv work items: shared-key tiles and per-group own-key tiles, spread over the (B*G, H, cdiv(N, bwd_n))
     # grid (see the kernel); there are always enough slots: G*cdiv(N - S) own tiles and cdiv(G*S) <= G*cdiv(S).
     bwd_n = cfg["bwd_n"]
