@@ -214,3 +214,21 @@ def test_easy_setting_draws_one_whole_unoccluded_figure_and_keys_the_cache(tmp_p
     assert info["difficulty"] == "easy" and (info["train"]["images"], info["val"]["images"]) == (2, 1)
     with pytest.raises(SynthError, match="difficulty"):
         generate(str(tmp_path / "x"), 3, difficulty="hard")
+
+
+def test_easy_setting_marks_the_limb_joints_in_their_colours():
+    """Easy images carry a disc of its MARKER_COLOURS entry on each of the 12 limb joints (visible, label 2); the
+    full setting draws none."""
+    from gtpt.synth import MARKER_COLOURS
+    for i in range(5):
+        for difficulty, marked in (("easy", True), ("full", False)):
+            image, people, _ = render_image(np.random.default_rng([0, 0, i]), difficulty=difficulty)
+            px = np.asarray(image)
+            for k in range(5, 17):
+                x, y, v = people[0]["keypoints"][k]
+                if v == 0:
+                    continue
+                hit = tuple(int(c) for c in px[int(y), int(x)]) == MARKER_COLOURS[k - 5]
+                assert hit == marked, (difficulty, i, k)
+                if marked:
+                    assert v == 2
