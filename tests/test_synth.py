@@ -232,3 +232,19 @@ def test_easy_setting_marks_the_limb_joints_in_their_colours():
                 assert hit == marked, (difficulty, i, k)
                 if marked:
                     assert v == 2
+
+
+def test_readme_states_the_synthetic_training_defaults():
+    """README's "Training without COCO" names the defaults `gtpt train` uses on the synthetic set."""
+    from gtpt import train as T
+    from gtpt.synth import DIFFICULTIES
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    text = " ".join(text[text.index("<!-- synth:start -->"):text.index("<!-- synth:end -->")].split())
+    d, n_val = T.SYNTH_DEFAULTS, round(T.SYNTH_IMAGES * T.SYNTH_VAL_FRACTION)
+    steps = (T.SYNTH_IMAGES - n_val) // d["batch_size"]
+    assert T.SYNTH_DIFFICULTY == "easy" and DIFFICULTIES["easy"]["markers"] and "MARKER_COLOURS" in text
+    assert f"{T.SYNTH_IMAGES} images ({T.SYNTH_IMAGES - n_val} train = {steps} steps of batch {d['batch_size']}, " \
+           f"{n_val} val), {d['epochs']} epochs ({d['epochs'] * steps} steps" in text
+    assert f"Adam {d['lr']:g}".replace("0.003", "3e-3") in text and f"{d['warmup_steps']}-step linear warm-up" in text
+    assert f"EMA momentum held at {d['ema_momentum']}" in text and f"std {d['joint_token_std']}" in text
+    assert d["augment"] == "none" and d["flip"] is False and "no augmentation, no flip" in text
