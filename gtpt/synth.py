@@ -95,8 +95,14 @@ DIFFICULTIES: Dict[str, Dict[str, Any]] = {
              "height": (0.55, 0.9), "two": 0.0, "cut": 0.0, "occluder": 0.0, "backgrounds": (1,),
              # (pelvis to the image side, top, bottom in figure heights: room for outstretched or raised arms;
              # the height is taken of min(image height, width_ref x width) so a narrow image still holds it)
-             "margins": (0.5, 0.58, 0.47), "width_ref": 1.0},
+             "margins": (0.5, 0.58, 0.47), "width_ref": 1.0,
+             # a disc of its own colour on each shoulder, elbow, wrist, hip, knee and ankle (a mannequin's joints)
+             "markers": True},
 }
+# Marker colours of the 12 limb joints (COCO order from the left shoulder): left light, right dark, all unlike the
+# limb colours.
+MARKER_COLOURS = ((255, 255, 255), (0, 0, 0), (255, 255, 0), (70, 70, 70), (120, 255, 170), (0, 90, 90),
+                  (255, 170, 255), (90, 0, 60), (200, 255, 255), (40, 40, 110), (255, 215, 140), (60, 90, 0))
 
 
 class SynthError(ValueError):
@@ -400,6 +406,9 @@ def _draw_figure(p: _Painter, rng: np.random.Generator, pelvis: np.ndarray, h: f
 
     body = np.array([nose, l_eye, r_eye, l_ear, r_ear, l_sh, r_sh, l_el, r_el, l_wr, r_wr, l_hip, r_hip, l_kn,
                      r_kn, l_an, r_an])
+    if d.get("markers"):                 # drawn last, labelled as the joint's limb, so the joint stays visible
+        for k in range(5, 17):
+            p.ellipse(body[k], 0.028 * h, 0.028 * h, _BODY_OWNER[k][-1], MARKER_COLOURS[k - 5])
     if not wholebody:
         return _Figure(body, _BODY_OWNER)
     foot_pts = np.array(list(feet[L_FOOT]) + list(feet[R_FOOT]))
@@ -633,6 +642,8 @@ def ensure_cached(num_images: int, wholebody: bool = False, seed: int = 0, cache
     fields = {"v": SYNTH_VERSION, "n": num_images, "wb": bool(wholebody), "seed": seed}
     if difficulty != "full" or val_fraction != VAL_FRACTION:   # (the key of a default dataset is unchanged)
         fields.update(difficulty=difficulty, val=val_fraction)
+    if difficulty != "full":                                      # a changed setting is a new dataset
+        fields.update(spec=repr(sorted(DIFFICULTIES[difficulty].items())))
     key = json.dumps(fields, sort_keys=True)
     name = (f"synth-{'wholebody-' if wholebody else ''}{'' if difficulty == 'full' else difficulty + '-'}"
             f"{num_images}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")

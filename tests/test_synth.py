@@ -214,3 +214,37 @@ def test_easy_setting_draws_one_whole_unoccluded_figure_and_keys_the_cache(tmp_p
     assert info["difficulty"] == "easy" and (info["train"]["images"], info["val"]["images"]) == (2, 1)
     with pytest.raises(SynthError, match="difficulty"):
         generate(str(tmp_path / "x"), 3, difficulty="hard")
+
+
+def test_easy_setting_marks_the_limb_joints_in_their_colours():
+    """Easy images carry a disc of its MARKER_COLOURS entry on each of the 12 limb joints (visible, label 2); the
+    full setting draws none."""
+    from gtpt.synth import MARKER_COLOURS
+    for i in range(5):
+        for difficulty, marked in (("easy", True), ("full", False)):
+            image, people, _ = render_image(np.random.default_rng([0, 0, i]), difficulty=difficulty)
+            px = np.asarray(image)
+            for k in range(5, 17):
+                x, y, v = people[0]["keypoints"][k]
+                if v == 0:
+                    continue
+                hit = tuple(int(c) for c in px[int(y), int(x)]) == MARKER_COLOURS[k - 5]
+                assert hit == marked, (difficulty, i, k)
+                if marked:
+                    assert v == 2
+
+
+def test_readme_states_the_synthetic_training_defaults():
+    """README's "Training without COCO" names the defaults `gtpt train` uses on the synthetic set."""
+    from gtpt import train as T
+    from gtpt.synth import DIFFICULTIES
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    text = " ".join(text[text.index("<!-- synth:start -->"):text.index("<!-- synth:end -->")].split())
+    d, n_val = T.SYNTH_DEFAULTS, round(T.SYNTH_IMAGES * T.SYNTH_VAL_FRACTION)
+    steps = (T.SYNTH_IMAGES - n_val) // d["batch_size"]
+    assert T.SYNTH_DIFFICULTY == "easy" and DIFFICULTIES["easy"]["markers"] and "MARKER_COLOURS" in text
+    assert f"{T.SYNTH_IMAGES} images ({T.SYNTH_IMAGES - n_val} train = {steps} steps of batch {d['batch_size']}, " \
+           f"{n_val} val), {d['epochs']} epochs ({d['epochs'] * steps} steps" in text
+    assert f"Adam {d['lr']:g}".replace("0.003", "3e-3") in text and f"{d['warmup_steps']}-step linear warm-up" in text
+    assert f"EMA momentum held at {d['ema_momentum']}" in text and f"std {d['joint_token_std']}" in text
+    assert d["augment"] == "none" and d["flip"] is False and "no augmentation, no flip" in text
