@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gtpt_kernels.backend import resolve_backend
 from gtpt_kernels.reference import topk_indices_exportable
 
-from .fast_inference import _build_plan, _StemPlan
+from .fast_inference import _build_plan, _StemPlan, walk_stem
 from .keypoints import WHOLEBODY_DENSE_PER_GROUP, WHOLEBODY_ENTRY_ROWS
 
 
@@ -67,24 +67,6 @@ def _branch(seq: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
     return x
 
 
-def _channels(x: Tensor, runs: List[Tuple[int, int]]) -> List[Tensor]:
-    return [x[:, a:b] for a, b in runs]
-
-
-def _stage(stage: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
-    for m in stage:
-        if isinstance(m, nn.Sequential):
-            x = _branch(m, x, plan)
-        elif m.stride > 1:
-            x = torch.cat([_branch(m.branch1, x, plan), _branch(m.branch2, x, plan)], 1)
-        else:
-            keep, rest = plan.split[m]
-            rest_x = _channels(x, rest)
-            rest_x = rest_x[0] if len(rest_x) == 1 else torch.cat(rest_x, 1)
-            x = torch.cat(_channels(x, keep) + [_branch(m.branch2, rest_x, plan)], 1)
-    return x
-
-
 @contextlib.contextmanager
 def folded_weights(model: nn.Module) -> Iterator[None]:
     """Fold the stem's weights once, outside the trace, for the duration of an export: the exporter then sees
@@ -108,16 +90,7 @@ def patch_embed(features: nn.Module, images: Tensor) -> Tensor:
     if plan is None:  # traced directly (not through gtpt.export): fold inside the trace
         with torch.no_grad():
             plan = _build_plan(features)
-    stem = features.stem
-    x = _branch(stem.conv1, images, plan)
-    if hasattr(stem, "layer"):
-        x = _stage(stem.layer, x, plan)
-    else:  # U-shaped stem
-        x1 = _stage(stem.down_layer1, x, plan)
-        x2 = _stage(stem.down_layer2, x1, plan)
-        x3 = _stage(stem.down_layer3, x2, plan)
-        x2 = _stage(stem.up_layer1, torch.cat([x2, _branch(stem.upsample1, x3, plan)], 1), plan)
-        x = _stage(stem.up_layer2, torch.cat([x1, _branch(stem.upsample2, x2, plan)], 1), plan)
+    x = walk_stem(features.stem, images, plan, _branch, 1)
     ph, pw = features.cfg.patch_size
     w, b = plan.patch  # (dim, ph * pw * C) over inputs (p1 p2 c), c in the stem's physical channel order
     w = w.view(w.size(0), ph, pw, -1).permute(0, 3, 1, 2)

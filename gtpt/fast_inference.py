@@ -241,8 +241,9 @@ def clear_cache(features: nn.Module) -> None:
     features.__dict__.pop("_fast_cache", None)
 
 
-def _channels(x: Tensor, runs: List[Tuple[int, int]]) -> Tensor:
-    return x[..., runs[0][0]:runs[0][1]] if len(runs) == 1 else torch.cat([x[..., a:b] for a, b in runs], -1)
+def _channels(x: Tensor, runs: List[Tuple[int, int]], dim: int) -> Tensor:
+    parts = [x.narrow(dim, a, b - a) for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _run_branch(seq: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
@@ -264,31 +265,37 @@ def _run_branch(seq: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
     return x
 
 
-def _run_stage(stage: nn.Sequential, x: Tensor, plan: _StemPlan) -> Tensor:
-    for m in stage:
-        if isinstance(m, nn.Sequential):
-            x = _run_branch(m, x, plan)
-        elif m.stride > 1:
-            x = torch.cat([_run_branch(m.branch1, x, plan), _run_branch(m.branch2, x, plan)], -1)
-        else:
-            keep, rest = plan.split[m]
-            x = torch.cat([x[..., a:b] for a, b in keep] + [_run_branch(m.branch2, _channels(x, rest), plan)], -1)
-    return x
+def walk_stem(stem: nn.Module, x: Tensor, plan: _StemPlan, branch, dim: int) -> Tensor:
+    """The stem's structure with ``branch(seq, x, plan)`` running each convolution branch and feature maps
+    concatenated / split along the channel axis ``dim``: NHWC (-1) on the fast eager path, NCHW (1) in the export
+    graph (:func:`gtpt.export_graph.patch_embed`)."""
+    def stage(seq: nn.Sequential, x: Tensor) -> Tensor:
+        for m in seq:
+            if isinstance(m, nn.Sequential):
+                x = branch(m, x, plan)
+            elif m.stride > 1:
+                x = torch.cat([branch(m.branch1, x, plan), branch(m.branch2, x, plan)], dim)
+            else:
+                keep, rest = plan.split[m]
+                x = torch.cat([x.narrow(dim, a, b - a) for a, b in keep]
+                              + [branch(m.branch2, _channels(x, rest, dim), plan)], dim)
+        return x
+
+    x = branch(stem.conv1, x, plan)
+    if hasattr(stem, "layer"):
+        return stage(stem.layer, x)
+    # U-shaped stem
+    x1 = stage(stem.down_layer1, x)
+    x2 = stage(stem.down_layer2, x1)
+    x3 = stage(stem.down_layer3, x2)
+    x2 = stage(stem.up_layer1, torch.cat([x2, branch(stem.upsample1, x3, plan)], dim))
+    return stage(stem.up_layer2, torch.cat([x1, branch(stem.upsample2, x2, plan)], dim))
 
 
 def _stem(features: nn.Module, plan: _StemPlan, images: Tensor) -> Tensor:
     """The stem with BN folded: NHWC ``(B, H/4, W/4, C)``, channels in the plan's physical order."""
-    stem = features.stem
-    x = _run_branch(stem.conv1, images.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), plan)
-    if hasattr(stem, "layer"):
-        x = _run_stage(stem.layer, x, plan)
-    else:  # U-shaped stem
-        x1 = _run_stage(stem.down_layer1, x, plan)
-        x2 = _run_stage(stem.down_layer2, x1, plan)
-        x3 = _run_stage(stem.down_layer3, x2, plan)
-        x2 = _run_stage(stem.up_layer1, torch.cat([x2, _run_branch(stem.upsample1, x3, plan)], -1), plan)
-        x = _run_stage(stem.up_layer2, torch.cat([x1, _run_branch(stem.upsample2, x2, plan)], -1), plan)
-    return x
+    nhwc = images.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return walk_stem(features.stem, nhwc, plan, _run_branch, -1)
 
 
 def fast_patch_embed(features: nn.Module, images: Tensor) -> Tensor:
